@@ -1,0 +1,64 @@
+"""Hypergradient methods: one file per method, sharing the kernels in ``kernels``.
+
+Strings given to ``@ml.level(grad=...)`` map to the factories here with their defaults; this
+table is the only place that switches on method names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from mlodsl import errors
+from mlodsl.hypergrad.base import EdgeProblem, EdgeResult, HypergradMethod
+from mlodsl.hypergrad.cg import cg
+from mlodsl.hypergrad.exact import exact
+from mlodsl.hypergrad.finite_diff import finite_diff
+from mlodsl.hypergrad.neumann import neumann
+
+DEFAULT = "cg"
+
+_FACTORIES: dict[str, Callable[[], HypergradMethod]] = {
+    "cg": cg,
+    "neumann": neumann,
+    "finite_diff": finite_diff,
+    "darts": finite_diff,
+    "exact": exact,
+}
+
+_PLANNED = {
+    "unroll": "reverse mode through the lower level's optimizer steps",
+    "sama": "finite difference preconditioned by the lower optimizer",
+}
+
+
+def resolve_method(grad: str | HypergradMethod) -> HypergradMethod:
+    """Turn ``grad=`` (a name or a method object) into a method object.
+
+    Raises:
+        UnknownGradMethodError: the name is not a known method.
+        NotImplementedError: the method is planned but not available in this version.
+    """
+    if isinstance(grad, str):
+        if grad in _FACTORIES:
+            return _FACTORIES[grad]()
+        if grad in _PLANNED:
+            raise NotImplementedError(
+                f"grad='{grad}' ({_PLANNED[grad]}) is not implemented in this version of "
+                f"mlodsl; available methods: {errors.listing(_FACTORIES)}."
+            )
+        raise errors.UnknownGradMethodError(
+            f"grad={grad!r} is not a hypergradient method.{errors.did_you_mean(grad, _FACTORIES)}"
+            f" Known methods: {errors.listing([*_FACTORIES, *_PLANNED])}."
+        )
+    if isinstance(grad, HypergradMethod):
+        return grad
+    raise errors.UnknownGradMethodError(
+        f"grad must be a method name or an ml.hypergrad method object, got "
+        f"{type(grad).__name__}. Known methods: {errors.listing(_FACTORIES)}."
+    )
+
+
+__all__ = [
+    "DEFAULT", "EdgeProblem", "EdgeResult", "HypergradMethod", "cg", "exact", "finite_diff",
+    "neumann", "resolve_method",
+]

@@ -1,0 +1,67 @@
+"""The one interface every hypergradient method implements.
+
+A method answers one question for one edge ``upper -> lower`` of the level graph: given a
+vector ``v`` over the lower level's parameters (the upper objective's total gradient with
+respect to them), return ``(d w_lower* / d w_upper)^T v``, the vector-Jacobian product of the
+lower level's best response. The implicit function theorem gives
+
+    (d w* / d lam)^T v = - (d^2 L / d lam d w) H^{-1} v,     H = d^2 L / d w d w,
+
+where ``L`` is the lower level's loss. Methods differ in how they apply ``H^{-1}``. The chain
+rule over a graph of any depth (:mod:`mlodsl.hypergrad.chain`) calls methods edge by edge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass
+class EdgeProblem:
+    """What a method may use for one edge at one outer step.
+
+    Attributes:
+        upper: Name of the upper level.
+        lower: Name of the lower level.
+        upper_params: The upper level's trainable tensors.
+        lower_params: The lower level's trainable tensors.
+        lower_loss: Re-evaluates the lower level's loss at the current parameters on its
+            current batch, with autograd recording.
+        state: Persists across outer steps for this edge (warm starts, eigenvalue caches).
+    """
+
+    upper: str
+    lower: str
+    upper_params: tuple[torch.Tensor, ...]
+    lower_params: tuple[torch.Tensor, ...]
+    lower_loss: Callable[[], torch.Tensor]
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EdgeResult:
+    """A method's answer for one edge.
+
+    Attributes:
+        grad: Flat vector over the upper parameters, ``(d w_lower*/d w_upper)^T v``; ``None``
+            when the lower loss does not read the upper parameters at all.
+        diagnostics: Solver figures (residual norm, iterations, step size, ...) for the history.
+    """
+
+    grad: torch.Tensor | None
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class HypergradMethod(Protocol):
+    """A hypergradient method: a small immutable callable named after its maths."""
+
+    name: str
+
+    def __call__(self, edge: EdgeProblem, v: torch.Tensor) -> EdgeResult:
+        """Return ``(d w_lower* / d w_upper)^T v`` for ``edge``."""
+        ...

@@ -1,0 +1,92 @@
+"""The chain rule over a level graph of any depth.
+
+For an upper level ``top`` with loss ``F``, let ``v[X]`` be the total derivative of ``F`` with
+respect to level ``X``'s parameters, counting every path from ``X`` up to ``top``. Processing
+the levels below ``top`` deepest first,
+
+    v[X] = dF/dw_X (direct) + sum over lowers Z of X of  (d w_Z* / d w_X)^T v[Z],
+
+where each edge's vector-Jacobian product comes from the method ``X`` chose (``grad=``). The
+hypergradient of ``top`` is ``v[top]``. Each edge applies the inverse Hessian of its own lower
+level's loss with that level's own lowers held fixed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from mlodsl.errors import NoDependencyError
+from mlodsl.hypergrad import kernels
+from mlodsl.hypergrad.base import EdgeProblem, HypergradMethod
+
+_UPPER_IGNORES_LOWER = (
+    "level '{upper}' ({where}) is upper_of '{lower}', but its loss does not depend on "
+    "'{lower}' or on any level below it, so its hypergradient through '{lower}' is zero. "
+    "Read the lower level in the loss (e.g. call {lower}(x)), or remove it from upper_of."
+)
+_LOWER_IGNORES_UPPER = (
+    "level '{lower}' ({where}) is below '{upper}', but its loss does not read '{upper}''s "
+    "parameters, so its best response does not depend on them and the implicit hypergradient "
+    "is zero. Use '{upper}' in '{lower}''s loss (add a parameter named '{upper}'), or remove "
+    "the upper_of edge."
+)
+
+
+def total_hypergrad(
+    top_loss: torch.Tensor,
+    top: str,
+    below: Sequence[str],
+    params: Mapping[str, tuple[torch.Tensor, ...]],
+    lowers: Mapping[str, Sequence[str]],
+    methods: Mapping[str, HypergradMethod],
+    edge_problem: Callable[[str, str], EdgeProblem],
+    where: Mapping[str, str],
+) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """Hypergradient of ``top`` (direct term included), one tensor per parameter.
+
+    Args:
+        top_loss: ``top``'s loss, with its autograd graph.
+        top: The upper level's name.
+        below: Every level below ``top``, deepest first.
+        params: Each level's trainable tensors.
+        lowers: Each level's direct lowers.
+        methods: Each upper level's hypergradient method.
+        edge_problem: Builds the :class:`EdgeProblem` for ``(upper, lower)``.
+        where: Each level's ``file:line``, for errors.
+
+    Returns:
+        ``(gradients, diagnostics)``; diagnostics are keyed ``"upper->lower/figure"``.
+    """
+    names = (top, *below)
+    flat_params = [p for name in names for p in params[name]]
+    grads = torch.autograd.grad(top_loss, flat_params, allow_unused=True)
+    v: dict[str, torch.Tensor | None] = {}
+    start = 0
+    for name in names:
+        count = len(params[name])
+        v[name] = kernels.flat_or_zeros(grads[start:start + count], params[name])
+        start += count
+
+    diagnostics: dict[str, Any] = {}
+    for upper in (*below, top):
+        for lower in lowers[upper]:
+            if v[lower] is None:
+                if upper == top:
+                    raise NoDependencyError(_UPPER_IGNORES_LOWER.format(
+                        upper=top, lower=lower, where=where[top]))
+                continue
+            result = methods[upper](edge_problem(upper, lower), v[lower])
+            if result.grad is None:
+                raise NoDependencyError(_LOWER_IGNORES_UPPER.format(
+                    upper=upper, lower=lower, where=where[lower]))
+            v[upper] = result.grad if v[upper] is None else v[upper] + result.grad
+            for key, value in result.diagnostics.items():
+                diagnostics[f"{upper}->{lower}/{key}"] = value
+
+    total = v[top]
+    if total is None:
+        return [torch.zeros_like(p) for p in params[top]], diagnostics
+    return kernels.unflat(total, params[top]), diagnostics

@@ -1,0 +1,180 @@
+"""``ml.program``: the traced, immutable program and what a user does with it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mlodsl import errors
+from mlodsl.compile import Schedule, compile_schedule
+from mlodsl.dsl import Level
+from mlodsl.history import History
+from mlodsl.ir import Edge, Graph, LevelNode, Read
+from mlodsl.run import Interpreter
+from mlodsl.trace import trace
+
+
+class Program:
+    """A traced multilevel program. Its structure is immutable; running it advances its state.
+
+    Build one with :func:`program`. ``print(program)`` shows its levels, edges and schedule.
+    """
+
+    __slots__ = ("_graph", "_schedule", "_interpreter")
+
+    def __init__(self, graph: Graph) -> None:
+        self._graph = graph
+        self._schedule = compile_schedule(
+            order=[n.name for n in graph.levels],
+            lowers={n.name: n.lowers for n in graph.levels},
+            inner_steps={n.name: n.inner_steps for n in graph.levels},
+            methods={n.name: n.method.name if n.method else None for n in graph.levels},
+        )
+        self._interpreter: Interpreter | None = None
+
+    # -- structure -----------------------------------------------------------------------------
+
+    @property
+    def levels(self) -> tuple[LevelNode, ...]:
+        """The traced levels, bottom-up (each after the levels below it)."""
+        return self._graph.levels
+
+    @property
+    def edges(self) -> tuple[Edge, ...]:
+        """The ``upper_of`` edges, each with its hypergradient method."""
+        return self._graph.edges
+
+    @property
+    def reads(self) -> tuple[Read, ...]:
+        """The data edges: which level's function receives which level's handle."""
+        return self._graph.reads
+
+    @property
+    def options(self) -> Any:
+        """The program options given to :func:`program` (read-only)."""
+        return self._graph.options
+
+    @property
+    def schedule(self) -> Schedule:
+        """The compiled schedule (same as :meth:`compile`)."""
+        return self._schedule
+
+    def compile(self) -> Schedule:
+        """The loop schedule: which level steps when, and which hypergradient hook it fires.
+
+        Example:
+            >>> print(program.compile())
+            schedule (repeats every 5 program steps):
+              every step       classifier  step
+              every 5 steps    hpo         step  <- hypergradient (cg) through classifier
+        """
+        return self._schedule
+
+    def level(self, name: str | Level) -> LevelNode:
+        """The traced level called ``name`` (or traced from the given :class:`Level`)."""
+        key = name.level_name if isinstance(name, Level) else name
+        try:
+            return self._graph.level(key)
+        except KeyError:
+            names = [n.name for n in self.levels]
+            raise errors.UnknownLevelError(
+                f"this program has no level '{key}'.{errors.did_you_mean(key, names)} "
+                f"Levels: {errors.listing(names)}."
+            ) from None
+
+    # -- running -------------------------------------------------------------------------------
+
+    @property
+    def _runtime(self) -> Interpreter:
+        if self._interpreter is None:
+            self._interpreter = Interpreter(self, self._graph)
+        return self._interpreter
+
+    def run(self, steps: int) -> History:
+        """Run ``steps`` program steps (steps of the lowest levels) and every upper update the
+        schedule implies. Calling it again continues where the previous call stopped.
+
+        Returns:
+            The program's :class:`History` (all steps so far).
+        """
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"run(steps=...) needs a non-negative integer, got {steps!r}")
+        return self._runtime.run(steps)
+
+    def hypergrad(self, level: str | Level) -> tuple[torch.Tensor, ...]:
+        """Compute, without applying, the gradient ``level`` would use now.
+
+        For an upper level this is its hypergradient (direct term plus every path through the
+        levels below it); for a lowest level, the plain gradient of its loss. Uses each level's
+        latest batch (fetching one if it has not stepped yet).
+
+        Returns:
+            One tensor per trainable parameter of the level, in module order.
+        """
+        return self._runtime.hypergrad(self.level(level).name)
+
+    @property
+    def history(self) -> History:
+        """Per-level metrics of every step run so far."""
+        return self._runtime.history
+
+    @property
+    def steps(self) -> dict[str, int]:
+        """Steps taken so far: ``"program"`` plus one entry per level."""
+        runtime = self._runtime
+        return {"program": runtime.global_step, **runtime.level_steps}
+
+    # -- showing -------------------------------------------------------------------------------
+
+    def visualize(self) -> str:
+        """The level graph as text: each level with its lowers indented beneath it."""
+        from mlodsl.viz import render_text
+        return render_text(self)
+
+    def __repr__(self) -> str:
+        width = max(len(n.name) for n in self.levels)
+        lines = [f"Program: {len(self.levels)} level(s), {len(self.edges)} edge(s)", "levels:"]
+        for node in reversed(self.levels):
+            lines.append(f"  {node.name:<{width}}  {node.describe()}  ({node.defined_at})")
+        if self.edges:
+            lines.append("edges (upper -> lower):")
+            for edge in self.edges:
+                inner = self.level(edge.upper).inner_steps
+                lines.append(f"  {edge.upper} -> {edge.lower}  grad={edge.method}  "
+                             f"inner_steps={inner}")
+        if self.reads:
+            lines.append("reads:")
+            for node in reversed(self.levels):
+                if node.reads:
+                    lines.append(f"  {node.name} reads {', '.join(node.reads)}")
+        lines.append(str(self._schedule))
+        return "\n".join(lines)
+
+
+def program(*levels: Level, **options: Any) -> Program:
+    """Trace decorated levels into a validated, immutable :class:`Program`.
+
+    Args:
+        *levels: The levels (functions decorated with :func:`mlodsl.level`).
+        **options: ``device`` (where modules and batches go), ``seed`` (``torch.manual_seed``
+            before the first step), ``hooks`` (objects with ``on_run_start``,
+            ``on_step_end``, ``on_hypergrad``, ``on_run_end`` methods), ``progress``
+            (``True``/``False``; default: a bar on runs of 100+ steps in a terminal or
+            notebook).
+
+    Returns:
+        The program.
+
+    Raises:
+        TraceError: a subclass naming what is wrong, where, and the fix (unknown level,
+            unknown parameter, duplicate names, cycles, missing module or optimizer, shared
+            parameters).
+
+    Example:
+        >>> prog = ml.program(classifier, hpo)
+        >>> prog.run(steps=1000)
+    """
+    if not levels:
+        raise errors.InvalidLevelError("ml.program needs at least one level")
+    return Program(trace(levels, options))
