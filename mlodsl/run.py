@@ -109,8 +109,6 @@ class Interpreter:
             grads, diagnostics = self._hypergrad(node, action, loss)
             for p, g in zip(node.params, grads):
                 p.grad = g
-            record["hypergrad_norm"] = torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(g) for g in grads]))
             record.update(diagnostics)
             hooks.fire("on_hypergrad", program=self.program, level=name,
                        step=self.level_steps[name] + 1, grads=grads, diagnostics=diagnostics)

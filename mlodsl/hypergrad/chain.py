@@ -28,10 +28,10 @@ _UPPER_IGNORES_LOWER = (
     "Read the lower level in the loss (e.g. call {lower}(x)), or remove it from upper_of."
 )
 _LOWER_IGNORES_UPPER = (
-    "level '{lower}' ({where}) is below '{upper}', but its loss does not read '{upper}''s "
-    "parameters, so its best response does not depend on them and the implicit hypergradient "
-    "is zero. Use '{upper}' in '{lower}''s loss (add a parameter named '{upper}'), or remove "
-    "the upper_of edge."
+    "level '{lower}' ({where}) is below '{upper}', but its loss does not read the parameters "
+    "of '{upper}', so its best response does not depend on them and the implicit "
+    "hypergradient is zero. Use '{upper}' in the loss of '{lower}' (add a parameter named "
+    "'{upper}'), or remove the upper_of edge."
 )
 
 
@@ -58,7 +58,8 @@ def total_hypergrad(
         where: Each level's ``file:line``, for errors.
 
     Returns:
-        ``(gradients, diagnostics)``; diagnostics are keyed ``"upper->lower/figure"``.
+        ``(gradients, diagnostics)``; diagnostics hold ``hypergrad_norm`` and solver figures
+        keyed ``"upper->lower/figure"``.
     """
     names = (top, *below)
     flat_params = [p for name in names for p in params[name]]
@@ -88,5 +89,6 @@ def total_hypergrad(
 
     total = v[top]
     if total is None:
-        return [torch.zeros_like(p) for p in params[top]], diagnostics
+        total = torch.zeros_like(kernels.flat(params[top]))
+    diagnostics["hypergrad_norm"] = torch.linalg.vector_norm(total)
     return kernels.unflat(total, params[top]), diagnostics

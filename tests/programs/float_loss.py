@@ -1,0 +1,16 @@
+"""Bad at run time: the level returns a Python float (e.g. after .item()), not a tensor."""
+
+import torch
+
+import mlodsl as ml
+
+w = torch.nn.Parameter(torch.zeros(3))
+
+
+@ml.level(module=w, optimizer=torch.optim.SGD([w], lr=0.1))
+def regressor():
+    return (w - 1).pow(2).sum().item()
+
+
+def build():
+    return ml.program(regressor)

@@ -1,0 +1,15 @@
+"""Bad: accumulate=4, a training option this version does not implement yet."""
+
+import torch
+
+import mlodsl as ml
+
+
+def build():
+    w = torch.nn.Parameter(torch.zeros(3))
+
+    @ml.level(module=w, optimizer=torch.optim.SGD([w], lr=0.1), accumulate=4)
+    def regressor():
+        return (w - 1).pow(2).sum()
+
+    return ml.program(regressor)
