@@ -34,7 +34,7 @@ import mlodsl as ml
 
 SEED = 0
 N_TRAIN, N_VAL = 200, 300          # the remaining 1297 digits are the test split
-HIDDEN = 256                       # over-parameterized: ~19k weights for 200 examples
+HIDDEN = 64                        # over-parameterized: ~4.8k weights for 200 examples
 INIT_DECAY = 0.1                   # starting value of every decay (too strong on purpose)
 INNER_STEPS = 5                    # classifier steps between two hpo steps
 STEPS = 2000                       # classifier steps in a full run
@@ -43,7 +43,7 @@ CG = ml.hypergrad.cg(iterations=10, mu=1.0, warm_start=False)
 
 # -- data ----------------------------------------------------------------------------------------
 
-def load_splits(seed: int = SEED) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def load_splits(seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Shuffle the digits once and split them; standardize with the training split's stats."""
     x, y = load_digits(return_X_y=True)
     x = torch.tensor(x, dtype=torch.float32)
@@ -69,7 +69,7 @@ def loader(split: tuple[torch.Tensor, torch.Tensor], batch_size: int, seed: int)
 
 # -- model ---------------------------------------------------------------------------------------
 
-def make_net(seed: int = SEED) -> nn.Sequential:
+def make_net(seed: int) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(64, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 10))
 
@@ -102,13 +102,13 @@ def classifier_optimizer(net: nn.Module) -> torch.optim.Optimizer:
 
 # -- the two programs ----------------------------------------------------------------------------
 
-def baseline(splits: dict, steps: int) -> nn.Sequential:
+def baseline(splits: dict, steps: int, seed: int) -> nn.Sequential:
     """The classifier alone, with every decay fixed at its starting value."""
-    net = make_net()
+    net = make_net(seed)
     fixed = {k: v.detach() for k, v in make_log_decay().items()}
 
     @ml.level(module=net, optimizer=classifier_optimizer(net),
-              data=loader(splits["train"], 64, SEED))
+              data=loader(splits["train"], 64, seed))
     def classifier(batch):
         x, y = batch
         return F.cross_entropy(net(x), y) + penalty(net, fixed)
@@ -117,13 +117,13 @@ def baseline(splits: dict, steps: int) -> nn.Sequential:
     return net
 
 
-def learned(splits: dict, steps: int) -> tuple[ml.Program, nn.Sequential, dict]:
+def learned(splits: dict, steps: int, seed: int) -> tuple[ml.Program, nn.Sequential, dict]:
     """The classifier and, above it, the level that learns its decays."""
-    net = make_net()
+    net = make_net(seed)
     log_decay = make_log_decay()
 
     @ml.level(module=net, optimizer=classifier_optimizer(net),
-              data=loader(splits["train"], 64, SEED))
+              data=loader(splits["train"], 64, seed))
     def classifier(batch, hpo):
         """Cross-entropy plus the decays that 'hpo' learns (read through its handle)."""
         x, y = batch
@@ -131,7 +131,7 @@ def learned(splits: dict, steps: int) -> tuple[ml.Program, nn.Sequential, dict]:
 
     @ml.level(upper_of="classifier", grad=CG,
               module=log_decay, optimizer=torch.optim.Adam(log_decay.values(), lr=0.05),
-              data=loader(splits["val"], 100, SEED + 1), inner_steps=INNER_STEPS)
+              data=loader(splits["val"], 100, seed + 1), inner_steps=INNER_STEPS)
     def hpo(batch, classifier):
         """Validation loss of the current classifier; its gradient reaches the decays."""
         x, y = batch
@@ -162,14 +162,14 @@ def describe_decays(log_decay: dict, train_x: torch.Tensor) -> list[str]:
     return lines
 
 
-def main(steps: int = STEPS, quiet: bool = False) -> dict[str, float]:
+def main(steps: int = STEPS, quiet: bool = False, seed: int = SEED) -> dict[str, float]:
     """Train the baseline and the learned-decay classifier; print and return the numbers."""
     say = (lambda *a: None) if quiet else print
     start = time.perf_counter()
-    splits = load_splits()
+    splits = load_splits(seed)
 
-    net0 = baseline(splits, steps)
-    program, net, log_decay = learned(splits, steps)
+    net0 = baseline(splits, steps, seed)
+    program, net, log_decay = learned(splits, steps, seed)
 
     say(program)
     say()

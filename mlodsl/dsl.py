@@ -137,8 +137,9 @@ def level(
     The decorated function computes the level's loss. Its parameters are filled by name when
     the program runs: ``batch`` is this level's current batch, a parameter named after another
     level receives that level's handle (call it to run that level's module; attribute access
-    reaches the module), and the reserved names ``step``, ``epoch`` and ``global_step`` give run
-    context. It returns a scalar loss tensor, or a dict with a ``"loss"`` key plus metrics.
+    reaches the module), and the reserved names give run context: ``step`` is the number of
+    updates this level has taken so far (0 on its first call), ``epoch`` the completed passes
+    over its data, ``global_step`` the current program step (from 1). It returns a scalar loss tensor, or a dict with a ``"loss"`` key plus metrics.
 
     Args:
         fn: The loss function (when used as ``@ml.level`` without arguments).

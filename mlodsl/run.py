@@ -76,7 +76,8 @@ class Interpreter:
         self.where = {n.name: n.defined_at for n in graph.levels}
         self.edges = {(e.upper, e.lower): EdgeProblem(
             upper=e.upper, lower=e.lower, upper_params=self.params[e.upper],
-            lower_params=self.params[e.lower], lower_loss=self._lower_loss_fn(e.lower, e.upper))
+            lower_params=self.params[e.lower], lower_loss=self._lower_loss_fn(e.lower, e.upper),
+            lower_optimizer=self.nodes[e.lower].optimizer)
             for e in graph.edges}
         self.user_hooks = HookSet(options.get("hooks") or ())
 
@@ -143,9 +144,10 @@ class Interpreter:
             out = node.fn(**kwargs)
             return _split_loss(node, out)
         except Exception as error:
+            when = (f"after its step {self.level_steps[name]}" if context
+                    else f"at its step {self.level_steps[name] + 1}")
             _add_note(error, f"mlodsl: while running level '{name}' ({node.defined_at}){context} "
-                             f"at its step {self.level_steps[name] + 1} "
-                             f"(program step {self.global_step})")
+                             f"{when} (program step {self.global_step})")
             raise
 
     def _reserved(self, level: str, reserved: str) -> int:

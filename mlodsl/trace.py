@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from mlodsl import errors
-from mlodsl.dsl import Level, LevelSpec
+from mlodsl.dsl import Level, LevelSpec, where_defined
 from mlodsl.hypergrad import DEFAULT, resolve_method
 from mlodsl.ir import BATCH, RESERVED, Argument, Edge, Graph, LevelNode, Read
 
@@ -36,7 +36,7 @@ _NO_MODULE = (
     "Parameter, or list/dict of parameters> to @ml.level."
 )
 _SHARED = (
-    "levels '{a}' ({where_a}) and '{b}' ({where_b}) both train the parameter {shape}; each "
+    "levels '{a}' ({where_a}) and '{b}' ({where_b}) both train a parameter of shape {shape}; each "
     "tensor must belong to one level. Give each level its own parameters (a level reads "
     "another's through its handle)."
 )
@@ -46,7 +46,7 @@ _ITERATOR_DATA = (
     "or a callable that returns a batch."
 )
 _TENSOR_DATA = (
-    "level '{name}' ({where}) has data that is a {kind} of tensors, which would be iterated "
+    "level '{name}' ({where}) has data that is a {kind}, which would be iterated "
     "element by element. To use the same batch every step pass data=lambda: batch; to iterate "
     "over batches pass a DataLoader or a list of batches."
 )
@@ -70,7 +70,8 @@ def trace(levels: Sequence[Any], options: Mapping[str, Any]) -> Graph:
     order = _bottom_up_order(specs, lowers, by_name)
     modules = {spec.name: _module_and_params(spec) for spec in specs}
     _check_shared_parameters(specs, modules)
-    optimizers = {spec.name: _optimizer(spec, modules[spec.name][1]) for spec in specs}
+    owners = {id(p): spec for spec in specs for p in modules[spec.name][1]}
+    optimizers = {spec.name: _optimizer(spec, modules[spec.name][1], owners) for spec in specs}
     for spec in specs:
         _check_data(spec)
 
@@ -98,9 +99,12 @@ def trace(levels: Sequence[Any], options: Mapping[str, Any]) -> Graph:
 
 def _check_is_level(level: Any, index: int) -> LevelSpec:
     if not isinstance(level, Level):
+        what = f"{type(level).__name__} {level!r:.60}"
+        if callable(level) and hasattr(level, "__code__"):
+            what = f"the plain function '{level.__name__}' ({where_defined(level)})"
         raise errors.InvalidLevelError(
-            f"ml.program argument {index + 1} is {type(level).__name__} {level!r}, not a level; "
-            "decorate the function with @ml.level(...) and pass the decorated function."
+            f"ml.program argument {index + 1} is {what}, not a level; decorate the function "
+            "with @ml.level(...) and pass the decorated function."
         )
     return level.spec
 
@@ -211,7 +215,8 @@ def _check_shared_parameters(specs: Sequence[LevelSpec],
                     where_b=spec.defined_at, shape=tuple(p.shape)))
 
 
-def _optimizer(spec: LevelSpec, params: tuple[torch.Tensor, ...]) -> torch.optim.Optimizer:
+def _optimizer(spec: LevelSpec, params: tuple[torch.Tensor, ...],
+               owners: Mapping[int, LevelSpec]) -> torch.optim.Optimizer:
     optimizer = spec.optimizer
     if optimizer is None:
         raise errors.MissingOptimizerError(
@@ -233,10 +238,14 @@ def _optimizer(spec: LevelSpec, params: tuple[torch.Tensor, ...]) -> torch.optim
     foreign = [p for group in optimizer.param_groups for p in group["params"]
                if id(p) not in own]
     if foreign:
+        owner = owners.get(id(foreign[0]))
+        whose = (f"trained by level '{owner.name}' ({owner.defined_at})" if owner is not None
+                 else "trained by no level")
         raise errors.SharedParameterError(
             f"level '{spec.name}' ({spec.defined_at}): its optimizer updates {len(foreign)} "
-            f"tensor(s) that are not in its module (first of shape {tuple(foreign[0].shape)}). "
-            "Build the optimizer over this level's own parameters only."
+            f"tensor(s) that are not in its module; the first, of shape "
+            f"{tuple(foreign[0].shape)}, is {whose}. Build the optimizer over this level's own "
+            "parameters only."
         )
     return optimizer
 
@@ -257,11 +266,13 @@ def _check_data(spec: LevelSpec) -> None:
     data = spec.data
     if data is None:
         return
+    # A tuple of tensors reads as one (x, y) batch, but iterating it would yield x, then y.
+    # (A list of tensors is taken as a list of batches.)
     if isinstance(data, torch.Tensor) or (
-            isinstance(data, (tuple, list)) and data
-            and all(isinstance(x, torch.Tensor) for x in data)):
+            isinstance(data, tuple) and data and all(isinstance(x, torch.Tensor) for x in data)):
+        kind = "tensor" if isinstance(data, torch.Tensor) else "tuple of tensors"
         raise errors.InvalidLevelError(_TENSOR_DATA.format(
-            name=spec.name, where=spec.defined_at, kind=type(data).__name__))
+            name=spec.name, where=spec.defined_at, kind=kind))
     if isinstance(data, Iterator):
         raise errors.InvalidLevelError(_ITERATOR_DATA.format(
             name=spec.name, where=spec.defined_at, kind=type(data).__name__))

@@ -14,6 +14,7 @@ from mlodsl.hypergrad.cg import cg
 from mlodsl.hypergrad.exact import exact
 from mlodsl.hypergrad.finite_diff import finite_diff
 from mlodsl.hypergrad.neumann import neumann
+from mlodsl.hypergrad.sama import sama
 
 DEFAULT = "cg"
 
@@ -23,11 +24,11 @@ _FACTORIES: dict[str, Callable[[], HypergradMethod]] = {
     "finite_diff": finite_diff,
     "darts": finite_diff,
     "exact": exact,
+    "sama": sama,
 }
 
 _PLANNED = {
     "unroll": "reverse mode through the lower level's optimizer steps",
-    "sama": "finite difference preconditioned by the lower optimizer",
 }
 
 
@@ -60,5 +61,5 @@ def resolve_method(grad: str | HypergradMethod) -> HypergradMethod:
 
 __all__ = [
     "DEFAULT", "EdgeProblem", "EdgeResult", "HypergradMethod", "cg", "exact", "finite_diff",
-    "neumann", "resolve_method",
+    "neumann", "resolve_method", "sama",
 ]

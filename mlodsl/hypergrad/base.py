@@ -31,6 +31,7 @@ class EdgeProblem:
         lower_params: The lower level's trainable tensors.
         lower_loss: Re-evaluates the lower level's loss at the current parameters on its
             current batch, with autograd recording.
+        lower_optimizer: The lower level's optimizer (its state preconditions ``sama``).
         state: Persists across outer steps for this edge (warm starts, eigenvalue caches).
     """
 
@@ -39,6 +40,7 @@ class EdgeProblem:
     upper_params: tuple[torch.Tensor, ...]
     lower_params: tuple[torch.Tensor, ...]
     lower_loss: Callable[[], torch.Tensor]
+    lower_optimizer: torch.optim.Optimizer | None = None
     state: dict[str, Any] = field(default_factory=dict)
 
 

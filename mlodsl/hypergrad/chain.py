@@ -25,7 +25,8 @@ from mlodsl.hypergrad.base import EdgeProblem, HypergradMethod
 _UPPER_IGNORES_LOWER = (
     "level '{upper}' ({where}) is upper_of '{lower}', but its loss does not depend on "
     "'{lower}' or on any level below it, so its hypergradient through '{lower}' is zero. "
-    "Read the lower level in the loss (e.g. call {lower}(x)), or remove it from upper_of."
+    "Read the lower level in the loss (call {lower}(x) for an nn.Module level, or use "
+    "{lower}.module), or remove it from upper_of."
 )
 _LOWER_IGNORES_UPPER = (
     "level '{lower}' ({where}) is below '{upper}', but its loss does not read the parameters "

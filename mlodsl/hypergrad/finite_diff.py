@@ -18,34 +18,10 @@ class FiniteDiff:
     name: str = "finite_diff"
 
     def __call__(self, edge: EdgeProblem, v: torch.Tensor) -> EdgeResult:
-        v_norm = v.norm()
-        if float(v_norm) == 0.0:
-            return EdgeResult(torch.zeros_like(kernels.flat(edge.upper_params)), {"eps": 0.0})
-        eps = self.radius / v_norm
-        params = edge.lower_params
-        shift = [piece * eps for piece in kernels.unflat(v, params)]
-        saved = [p.detach().clone() for p in params]
-        try:
-            with torch.no_grad():
-                torch._foreach_add_(params, shift)
-            plus = self._upper_grad(edge)
-            with torch.no_grad():
-                for p, s, orig in zip(params, shift, saved):
-                    p.copy_(orig).sub_(s)
-            minus = self._upper_grad(edge)
-        finally:
-            # Copy back the saved values: adding and subtracting eps*v is not bit-exact.
-            with torch.no_grad():
-                torch._foreach_copy_(params, saved)
-        if plus is None:
-            return EdgeResult(None, {"eps": float(eps)})
+        mixed, eps = kernels.central_mixed_difference(
+            edge.lower_loss, edge.lower_params, edge.upper_params, v, self.radius)
         # (d w*/d lam)^T v = -(d^2 L / d lam d w) v under H^{-1} = I.
-        return EdgeResult((minus - plus) / (2 * eps), {"eps": float(eps)})
-
-    @staticmethod
-    def _upper_grad(edge: EdgeProblem) -> torch.Tensor | None:
-        grads = torch.autograd.grad(edge.lower_loss(), edge.upper_params, allow_unused=True)
-        return kernels.flat_or_zeros(grads, edge.upper_params)
+        return EdgeResult(None if mixed is None else -mixed, {"eps": eps})
 
 
 def finite_diff(*, radius: float = 0.01) -> FiniteDiff:

@@ -142,3 +142,38 @@ def power_iteration(matvec: Callable[[torch.Tensor], torch.Tensor], like: torch.
             return 0.0
         x = y / estimate
     return estimate
+
+
+def central_mixed_difference(loss: Callable[[], torch.Tensor], params: Sequence[torch.Tensor],
+                             upper_params: Sequence[torch.Tensor], direction: torch.Tensor,
+                             radius: float) -> tuple[torch.Tensor | None, float]:
+    """``(d^2 L / d lam d w) d`` by a central difference of ``dL/dlam`` at ``w +- eps d``.
+
+    ``eps = radius / ||d||``. The lower parameters are restored bit-exactly, also on error.
+    Returns ``(product or None if L ignores lam, eps)``.
+    """
+    d_norm = float(direction.norm())
+    if d_norm == 0.0:
+        return torch.zeros_like(flat(upper_params)), 0.0
+    eps = radius / d_norm
+    shift = [piece * eps for piece in unflat(direction, params)]
+    saved = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            torch._foreach_add_(params, shift)
+        plus = _grad_or_none(loss(), upper_params)
+        with torch.no_grad():
+            for p, s, orig in zip(params, shift, saved):
+                p.copy_(orig).sub_(s)
+        minus = _grad_or_none(loss(), upper_params)
+    finally:
+        # Copy back the saved values: adding and subtracting eps*d is not bit-exact.
+        with torch.no_grad():
+            torch._foreach_copy_(params, saved)
+    if plus is None:
+        return None, eps
+    return (plus - minus) / (2 * eps), eps
+
+
+def _grad_or_none(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    return flat_or_zeros(torch.autograd.grad(loss, params, allow_unused=True), params)
