@@ -34,11 +34,11 @@ import mlodsl as ml
 
 SEED = 0
 N_TRAIN, N_VAL = 200, 300          # the remaining 1297 digits are the test split
-HIDDEN = 64                        # over-parameterized: ~4.8k weights for 200 examples
+HIDDEN = 256                       # over-parameterized: ~19k weights for 200 examples
 INIT_DECAY = 0.1                   # starting value of every decay (too strong on purpose)
 INNER_STEPS = 5                    # classifier steps between two hpo steps
 STEPS = 2000                       # classifier steps in a full run
-CG = ml.hypergrad.cg(iterations=10, mu=1.0, warm_start=False)
+CG = ml.hypergrad.cg(iterations=10, mu=1.0)
 
 
 # -- data ----------------------------------------------------------------------------------------

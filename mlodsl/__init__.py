@@ -11,6 +11,7 @@ Example:
 """
 
 from mlodsl import errors, hypergrad
+from mlodsl.check import HypergradCheck, check_hypergrad
 from mlodsl.compile import Schedule
 from mlodsl.dsl import Level, level
 from mlodsl.errors import MlodslError, TraceError
@@ -21,6 +22,6 @@ from mlodsl.program import Program, program
 __version__ = "0.1.0"
 
 __all__ = [
-    "Hook", "History", "Level", "MlodslError", "Program", "Schedule", "TraceError", "errors",
+    "HypergradCheck", "check_hypergrad", "Hook", "History", "Level", "MlodslError", "Program", "Schedule", "TraceError", "errors",
     "hypergrad", "level", "program",
 ]

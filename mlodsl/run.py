@@ -13,7 +13,7 @@ from mlodsl.errors import LossError
 from mlodsl.handles import LevelHandle
 from mlodsl.history import History
 from mlodsl.hooks import HookSet, ProgressBar, wants_progress
-from mlodsl.hypergrad.base import EdgeProblem
+from mlodsl.hypergrad.base import EdgeProblem, GraphView
 from mlodsl.hypergrad.chain import total_hypergrad
 from mlodsl.ir import Graph, LevelNode
 
@@ -79,6 +79,9 @@ class Interpreter:
             lower_params=self.params[e.lower], lower_loss=self._lower_loss_fn(e.lower, e.upper),
             lower_optimizer=self.nodes[e.lower].optimizer)
             for e in graph.edges}
+        self.view = GraphView(params=self.params,
+                              below={a.level: a.below for a in self.schedule.actions},
+                              loss=self._loss_for_hypergrad)
         self.user_hooks = HookSet(options.get("hooks") or ())
 
     # -- running -----------------------------------------------------------------------------
@@ -102,31 +105,42 @@ class Interpreter:
 
     def _step(self, action: Action, hooks: HookSet) -> None:
         name = action.level
-        node = self.nodes[name]
         batch = self.streams[name].next()
         self.batches[name] = batch
-        loss, record = self._evaluate(node, batch)
-        if action.below:
-            grads, diagnostics = self._hypergrad(node, action, loss)
-            for p, g in zip(node.params, grads):
-                p.grad = g
-            record.update(diagnostics)
-            hooks.fire("on_hypergrad", program=self.program, level=name,
-                       step=self.level_steps[name] + 1, grads=grads, diagnostics=diagnostics)
-        else:
-            node.optimizer.zero_grad(set_to_none=True)
-            loss.backward(inputs=node.params)
-        if node.clip_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(node.params, node.clip_grad_norm)
-        node.optimizer.step()
-        if node.scheduler is not None:
-            _step_scheduler(node.scheduler, loss)
+        record = self.update(name, batch, hooks)
         self.level_steps[name] += 1
         record["step"] = self.level_steps[name]
         record["global_step"] = self.global_step
         self.history.append(name, record)
         hooks.fire("on_step_end", program=self.program, level=name,
                    step=self.level_steps[name], metrics=record)
+
+    def update(self, name: str, batch: Any, hooks: HookSet | None = None,
+               schedulers: bool = True) -> dict[str, Any]:
+        """One optimizer step of ``name`` on ``batch`` (hypergradient for upper levels).
+
+        Counters, data and history are left to the caller. Returns the step's record.
+        """
+        node = self.nodes[name]
+        loss, record = self._evaluate(node, batch)
+        if self.view.below[name]:
+            grads, diagnostics = self._hypergrad(node, loss)
+            for p, g in zip(node.params, grads):
+                p.grad = g
+            record.update(diagnostics)
+            if hooks is not None:
+                hooks.fire("on_hypergrad", program=self.program, level=name,
+                           step=self.level_steps[name] + 1, grads=grads,
+                           diagnostics=diagnostics)
+        else:
+            node.optimizer.zero_grad(set_to_none=True)
+            loss.backward(inputs=node.params)
+        if node.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(node.params, node.clip_grad_norm)
+        node.optimizer.step()
+        if schedulers and node.scheduler is not None:
+            _step_scheduler(node.scheduler, loss)
+        return record
 
     # -- evaluating levels -------------------------------------------------------------------
 
@@ -171,21 +185,30 @@ class Interpreter:
 
         return lower_loss
 
-    def _hypergrad(self, node: LevelNode, action: Action, loss: torch.Tensor
+    def _hypergrad(self, node: LevelNode, loss: torch.Tensor,
+                   methods: Mapping[str, Any] | None = None
                    ) -> tuple[list[torch.Tensor], dict[str, Any]]:
-        return total_hypergrad(loss, node.name, action.below, self.params, self.lowers,
-                               self.methods, self._edge, self.where)
+        return total_hypergrad(loss, node.name, self.view, self.lowers,
+                               self.methods if methods is None else methods, self._edge,
+                               self.where)
+
+    def _loss_for_hypergrad(self, name: str) -> torch.Tensor:
+        return self._evaluate(self.nodes[name], self._current_batch(name),
+                              " for a hypergradient")[0]
 
     def _edge(self, upper: str, lower: str) -> EdgeProblem:
         return self.edges[(upper, lower)]
 
-    def hypergrad(self, name: str) -> tuple[torch.Tensor, ...]:
-        """The gradient ``name`` would apply now (hypergradient for upper levels)."""
+    def hypergrad(self, name: str, methods: Mapping[str, Any] | None = None
+                  ) -> tuple[torch.Tensor, ...]:
+        """The gradient ``name`` would apply now (hypergradient for upper levels).
+
+        ``methods`` overrides the levels' hypergradient methods for this call.
+        """
         node = self.nodes[name]
         loss, _ = self._evaluate(node, self._current_batch(name))
-        action = next(a for a in self.schedule.actions if a.level == name)
-        if action.below:
-            grads, _ = self._hypergrad(node, action, loss)
+        if self.view.below[name]:
+            grads, _ = self._hypergrad(node, loss, methods)
         else:
             raw = torch.autograd.grad(loss, node.params, allow_unused=True)
             grads = [torch.zeros_like(p) if g is None else g for g, p in zip(raw, node.params)]

@@ -101,6 +101,15 @@ class Chain3:
         v_mid = (mu - self.s) + self.B.T @ torch.linalg.solve(self.P, v_low)
         return self.R @ lam + self.C.T @ torch.linalg.solve(self.Q, v_mid)
 
+    def total(self) -> torch.Tensor:
+        """The true total derivative with mid and low at their best responses:
+        w* = K mu with K = P^{-1} B, so d mu*/d lam = (Q + K'K)^{-1} C and
+        dF/dlam = R lam + C'(Q + K'K)^{-1} [(mu - s) + K'(w - t)] (exact for quadratics)."""
+        w, mu, lam = self.w.detach(), self.mu.detach(), self.lam.detach()
+        K = torch.linalg.solve(self.P, self.B)
+        inner = (mu - self.s) + K.T @ (w - self.t)
+        return self.R @ lam + self.C.T @ torch.linalg.solve(self.Q + K.T @ K, inner)
+
     def edgewise_identity(self) -> torch.Tensor:
         """The same chain with every inverse Hessian replaced by the identity (finite_diff)."""
         w, mu, lam = self.w.detach(), self.mu.detach(), self.lam.detach()
@@ -145,3 +154,30 @@ def chain3_program(q: Chain3, grad_top, grad_mid, lr: float = 0.05):
                 + 0.5 * q.lam @ q.R @ q.lam)
 
     return ml.program(low, mid, top)
+
+
+def nonlinear_chain3_program(seed: int = 1, grad_top="exact", grad_mid="exact", lr: float = 0.2):
+    """A non-quadratic ``top -> mid -> low`` chain (quartic and tanh terms), so third
+    derivatives matter at depth; strongly convex at each level so re-solving converges."""
+    q = make_chain3(seed=seed)
+    B, C = 0.5 * q.B, 0.5 * q.C
+
+    @ml.level(module=q.w, optimizer=torch.optim.SGD([q.w], lr=lr))
+    def low(mid):
+        w = q.w
+        return 0.5 * w @ q.P @ w + 0.05 * w.pow(4).sum() - w @ torch.tanh(B @ mid.module)
+
+    @ml.level(upper_of="low", grad=grad_mid, module=q.mu,
+              optimizer=torch.optim.SGD([q.mu], lr=lr))
+    def mid(top, low):
+        mu = q.mu
+        return (0.5 * mu @ q.Q @ mu + 0.05 * mu.pow(4).sum() - mu @ torch.tanh(C @ top.module)
+                + torch.log1p((low.module - q.c).pow(2)).sum())
+
+    @ml.level(upper_of="mid", grad=grad_top, module=q.lam,
+              optimizer=torch.optim.SGD([q.lam], lr=lr))
+    def top(mid, low):
+        return (0.5 * (low.module - q.t).pow(2).sum() + (mid.module - q.s).pow(2).sum()
+                + 0.5 * q.lam @ q.R @ q.lam)
+
+    return ml.program(low, mid, top), q

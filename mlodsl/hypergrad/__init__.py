@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mlodsl import errors
-from mlodsl.hypergrad.base import EdgeProblem, EdgeResult, HypergradMethod
+from mlodsl.hypergrad.base import EdgeProblem, EdgeResult, GraphView, HypergradMethod, is_method
 from mlodsl.hypergrad.cg import cg
 from mlodsl.hypergrad.exact import exact
 from mlodsl.hypergrad.finite_diff import finite_diff
@@ -51,7 +51,7 @@ def resolve_method(grad: str | HypergradMethod) -> HypergradMethod:
             f"grad={grad!r} is not a hypergradient method.{errors.did_you_mean(grad, _FACTORIES)}"
             f" Known methods: {errors.listing([*_FACTORIES, *_PLANNED])}."
         )
-    if isinstance(grad, HypergradMethod):
+    if is_method(grad):
         return grad
     raise errors.UnknownGradMethodError(
         f"grad must be a method name or an ml.hypergrad method object, got "
@@ -60,6 +60,6 @@ def resolve_method(grad: str | HypergradMethod) -> HypergradMethod:
 
 
 __all__ = [
-    "DEFAULT", "EdgeProblem", "EdgeResult", "HypergradMethod", "cg", "exact", "finite_diff",
+    "DEFAULT", "EdgeProblem", "EdgeResult", "GraphView", "HypergradMethod", "cg", "exact", "finite_diff",
     "neumann", "resolve_method", "sama",
 ]

@@ -13,7 +13,7 @@ rule over a graph of any depth (:mod:`mlodsl.hypergrad.chain`) calls methods edg
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -58,12 +58,37 @@ class EdgeResult:
     diagnostics: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class GraphView:
+    """What a joint method (one that handles everything below a level at once) may use.
+
+    Attributes:
+        params: Each level's trainable tensors.
+        below: Each level's lower levels (all depths), deepest first.
+        loss: Re-evaluates a level's loss at the current parameters on its current batch.
+    """
+
+    params: Mapping[str, tuple[torch.Tensor, ...]]
+    below: Mapping[str, tuple[str, ...]]
+    loss: Callable[[str], torch.Tensor]
+
+
 @runtime_checkable
 class HypergradMethod(Protocol):
-    """A hypergradient method: a small immutable callable named after its maths."""
+    """A hypergradient method: a small immutable object named after its maths.
+
+    It implements one of two forms. An *edge* method is called once per edge with ``v``, the
+    total derivative of the upper objective w.r.t. the lower level's parameters, and returns
+    ``(d w_lower* / d w_upper)^T v`` (``__call__(edge, v) -> EdgeResult``). A *joint* method
+    handles everything below the level at once (``joint(view, upper, partials)``, given the
+    partial derivatives of the upper objective w.r.t. every level below), as ``exact`` does to
+    give the true total derivative at any depth.
+    """
 
     name: str
 
-    def __call__(self, edge: EdgeProblem, v: torch.Tensor) -> EdgeResult:
-        """Return ``(d w_lower* / d w_upper)^T v`` for ``edge``."""
-        ...
+
+def is_method(obj: Any) -> bool:
+    """Whether ``obj`` implements either form of :class:`HypergradMethod`."""
+    return isinstance(getattr(obj, "name", None), str) and (
+        callable(obj) or callable(getattr(obj, "joint", None)))

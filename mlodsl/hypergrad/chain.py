@@ -20,7 +20,7 @@ import torch
 
 from mlodsl.errors import NoDependencyError
 from mlodsl.hypergrad import kernels
-from mlodsl.hypergrad.base import EdgeProblem, HypergradMethod
+from mlodsl.hypergrad.base import EdgeProblem, GraphView, HypergradMethod
 
 _UPPER_IGNORES_LOWER = (
     "level '{upper}' ({where}) is upper_of '{lower}', but its loss does not depend on "
@@ -39,8 +39,7 @@ _LOWER_IGNORES_UPPER = (
 def total_hypergrad(
     top_loss: torch.Tensor,
     top: str,
-    below: Sequence[str],
-    params: Mapping[str, tuple[torch.Tensor, ...]],
+    view: GraphView,
     lowers: Mapping[str, Sequence[str]],
     methods: Mapping[str, HypergradMethod],
     edge_problem: Callable[[str, str], EdgeProblem],
@@ -51,8 +50,7 @@ def total_hypergrad(
     Args:
         top_loss: ``top``'s loss, with its autograd graph.
         top: The upper level's name.
-        below: Every level below ``top``, deepest first.
-        params: Each level's trainable tensors.
+        view: Every level's parameters, levels below (deepest first) and loss.
         lowers: Each level's direct lowers.
         methods: Each upper level's hypergradient method.
         edge_problem: Builds the :class:`EdgeProblem` for ``(upper, lower)``.
@@ -60,36 +58,67 @@ def total_hypergrad(
 
     Returns:
         ``(gradients, diagnostics)``; diagnostics hold ``hypergrad_norm`` and solver figures
-        keyed ``"upper->lower/figure"``.
+        keyed ``"upper->lower/figure"`` (``"upper->a,b/figure"`` for a joint method over
+        several direct lowers).
     """
+    params = view.params
+    below = view.below[top]
     names = (top, *below)
     flat_params = [p for name in names for p in params[name]]
     grads = torch.autograd.grad(top_loss, flat_params, allow_unused=True)
-    v: dict[str, torch.Tensor | None] = {}
+    partial: dict[str, torch.Tensor | None] = {}
     start = 0
     for name in names:
         count = len(params[name])
-        v[name] = kernels.flat_or_zeros(grads[start:start + count], params[name])
+        partial[name] = kernels.flat_or_zeros(grads[start:start + count], params[name])
         start += count
 
+    def reads_below(lower: str) -> bool:
+        return any(partial[n] is not None for n in (lower, *view.below[lower]))
+
+    for lower in lowers[top]:
+        if not reads_below(lower):
+            raise NoDependencyError(_UPPER_IGNORES_LOWER.format(
+                upper=top, lower=lower, where=where[top]))
+
+    v = dict(partial)  # becomes the total derivative as levels are processed bottom-up
     diagnostics: dict[str, Any] = {}
     for upper in (*below, top):
+        if not lowers[upper]:
+            continue
+        method = methods[upper]
+        if callable(getattr(method, "joint", None)):
+            if not any(reads_below(lower) for lower in lowers[upper]):
+                continue
+            result = method.joint(view, upper, partial)
+            _check_reads_upper(result.grad, upper, lowers[upper], where)
+            _accumulate(v, upper, result.grad)
+            edge = f"{upper}->{','.join(lowers[upper])}"
+            diagnostics.update({f"{edge}/{k}": x for k, x in result.diagnostics.items()})
+            continue
         for lower in lowers[upper]:
             if v[lower] is None:
-                if upper == top:
-                    raise NoDependencyError(_UPPER_IGNORES_LOWER.format(
-                        upper=top, lower=lower, where=where[top]))
                 continue
-            result = methods[upper](edge_problem(upper, lower), v[lower])
-            if result.grad is None:
-                raise NoDependencyError(_LOWER_IGNORES_UPPER.format(
-                    upper=upper, lower=lower, where=where[lower]))
-            v[upper] = result.grad if v[upper] is None else v[upper] + result.grad
-            for key, value in result.diagnostics.items():
-                diagnostics[f"{upper}->{lower}/{key}"] = value
+            result = method(edge_problem(upper, lower), v[lower])
+            _check_reads_upper(result.grad, upper, (lower,), where)
+            _accumulate(v, upper, result.grad)
+            diagnostics.update({f"{upper}->{lower}/{k}": x for k, x in result.diagnostics.items()})
 
     total = v[top]
     if total is None:
         total = torch.zeros_like(kernels.flat(params[top]))
     diagnostics["hypergrad_norm"] = torch.linalg.vector_norm(total)
     return kernels.unflat(total, params[top]), diagnostics
+
+
+def _check_reads_upper(grad: torch.Tensor | None, upper: str, lowers: Sequence[str],
+                       where: Mapping[str, str]) -> None:
+    if grad is None:
+        lower = lowers[0]
+        raise NoDependencyError(_LOWER_IGNORES_UPPER.format(upper=upper, lower=lower,
+                                                            where=where[lower]))
+
+
+def _accumulate(v: dict[str, torch.Tensor | None], name: str, term: torch.Tensor | None) -> None:
+    if term is not None:
+        v[name] = term if v[name] is None else v[name] + term

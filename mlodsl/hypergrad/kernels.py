@@ -76,20 +76,43 @@ def mixed_vjp(g: torch.Tensor, upper_params: Sequence[torch.Tensor], u: torch.Te
     return flat_or_zeros(out, upper_params)
 
 
-def dense_hessian(g: torch.Tensor, params: Sequence[torch.Tensor], level: str) -> torch.Tensor:
-    """Materialize ``H`` row by row (batched through vmap when autograd supports it)."""
-    n = g.numel()
-    eye = torch.eye(n, dtype=g.dtype, device=g.device)
-    try:
-        rows = torch.autograd.grad(g, params, grad_outputs=eye, retain_graph=True,
-                                   allow_unused=True, is_grads_batched=True)
+def dense_jacobian(out: torch.Tensor, params: Sequence[torch.Tensor], level: str,
+                   create_graph: bool = False) -> torch.Tensor:
+    """``d out / d params`` as an ``(out.numel(), n_params)`` matrix, one row per output.
+
+    Rows are computed in one batched backward where autograd supports it, else one by one.
+    With ``out`` a differentiable gradient this is the Hessian. ``create_graph`` keeps the
+    result differentiable (for Jacobians of Jacobians at depth).
+    """
+    n = out.numel()
+    eye = torch.eye(n, dtype=out.dtype, device=out.device)
+    width = sum(p.numel() for p in params)
+
+    def assemble(columns: Sequence[torch.Tensor | None], rows: int) -> torch.Tensor:
         return torch.cat([
-            torch.zeros(n, p.numel(), dtype=g.dtype, device=g.device) if r is None
-            else r.reshape(n, -1) for r, p in zip(rows, params)
+            torch.zeros(rows, p.numel(), dtype=out.dtype, device=out.device) if c is None
+            else c.reshape(rows, -1) for c, p in zip(columns, params)
         ], dim=1)
+
+    if not out.requires_grad:
+        return torch.zeros(n, width, dtype=out.dtype, device=out.device)
+    try:
+        columns = torch.autograd.grad(out, params, grad_outputs=eye, retain_graph=True,
+                                      create_graph=create_graph, allow_unused=True,
+                                      is_grads_batched=True)
+        return assemble(columns, n)
     except RuntimeError:
-        # Some operations have no batching rule: fall back to one HVP per row.
-        return torch.stack([hvp(g, params, eye[i], level) for i in range(n)])
+        # Some operations have no batching rule: fall back to one backward per row.
+        rows = []
+        for i in range(n):
+            try:
+                columns = torch.autograd.grad(out, params, grad_outputs=eye[i],
+                                              retain_graph=True, create_graph=create_graph,
+                                              allow_unused=True)
+            except RuntimeError as error:
+                raise HypergradError(_NO_SECOND_ORDER.format(level=level, error=error)) from error
+            rows.append(assemble(columns, 1))
+        return torch.cat(rows)
 
 
 def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor,
