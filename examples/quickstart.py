@@ -100,12 +100,37 @@ def classifier_optimizer(net: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
 
 
-# -- the two programs ----------------------------------------------------------------------------
+# -- the programs ------------------------------------------------------------------------------
 
-def baseline(splits: dict, steps: int, seed: int) -> nn.Sequential:
-    """The classifier alone, with every decay fixed at its starting value."""
+def build_program(splits: dict, seed: int) -> tuple[ml.Program, nn.Sequential, dict]:
+    """The classifier and, above it, the level that learns the classifier's decays."""
     net = make_net(seed)
-    fixed = {k: v.detach() for k, v in make_log_decay().items()}
+    log_decay = make_log_decay()
+
+    @ml.level(module=net, optimizer=classifier_optimizer(net),
+              data=loader(splits["train"], 64, seed))
+    def classifier(batch, hpo):
+        """Cross-entropy plus the decays that 'hpo' learns (read through its handle)."""
+        x, y = batch
+        return F.cross_entropy(net(x), y) + penalty(net, hpo)
+
+    @ml.level(upper_of="classifier", grad=CG, module=log_decay,
+              optimizer=torch.optim.Adam(log_decay.values(), lr=0.05),
+              data=loader(splits["val"], 100, seed + 1), inner_steps=INNER_STEPS)
+    def hpo(batch, classifier):
+        """Validation loss of the current classifier; its hypergradient reaches the decays."""
+        x, y = batch
+        out = classifier(x)
+        return {"loss": F.cross_entropy(out, y), "acc": (out.argmax(1) == y).float().mean()}
+
+    return ml.program(classifier, hpo, progress=False), net, log_decay
+
+
+def train_baseline(splits: dict, steps: int, seed: int) -> nn.Sequential:
+    """The same classifier (same initialization, optimizer and batches), every decay fixed at
+    its starting value: a one-level program."""
+    net = make_net(seed)
+    fixed = {name: value.detach() for name, value in make_log_decay().items()}
 
     @ml.level(module=net, optimizer=classifier_optimizer(net),
               data=loader(splits["train"], 64, seed))
@@ -117,75 +142,76 @@ def baseline(splits: dict, steps: int, seed: int) -> nn.Sequential:
     return net
 
 
-def learned(splits: dict, steps: int, seed: int) -> tuple[ml.Program, nn.Sequential, dict]:
-    """The classifier and, above it, the level that learns its decays."""
-    net = make_net(seed)
-    log_decay = make_log_decay()
-
-    @ml.level(module=net, optimizer=classifier_optimizer(net),
-              data=loader(splits["train"], 64, seed))
-    def classifier(batch, hpo):
-        """Cross-entropy plus the decays that 'hpo' learns (read through its handle)."""
-        x, y = batch
-        return F.cross_entropy(net(x), y) + penalty(net, hpo)
-
-    @ml.level(upper_of="classifier", grad=CG,
-              module=log_decay, optimizer=torch.optim.Adam(log_decay.values(), lr=0.05),
-              data=loader(splits["val"], 100, seed + 1), inner_steps=INNER_STEPS)
-    def hpo(batch, classifier):
-        """Validation loss of the current classifier; its gradient reaches the decays."""
-        x, y = batch
-        out = classifier(x)
-        return {"loss": F.cross_entropy(out, y), "acc": (out.argmax(1) == y).float().mean()}
-
-    program = ml.program(classifier, hpo, progress=False)
-    program.run(steps=steps)
-    return program, net, log_decay
-
-
 # -- the report ----------------------------------------------------------------------------------
 
-def describe_decays(log_decay: dict, train_x: torch.Tensor) -> list[str]:
+def describe_decays(log_decay: dict, blank: torch.Tensor) -> list[str]:
+    """Summary of the learned decays; ``blank`` marks pixels that are 0 in every training image
+    (no gradient ever reaches their decay, so it keeps its starting value)."""
     decay = log_decay["pixels"].detach().exp()
-    lines = [f"learned pixel decays: mean {decay.mean():.3g}, min {decay.min():.3g}, "
-             f"max {decay.max():.3g} (start {INIT_DECAY:g}); output layer "
-             f"{log_decay['output'].detach().exp():.3g}"]
-    strongest = decay.argsort(descending=True)[:8].tolist()
-    weakest = decay.argsort()[:8].tolist()
-    lines.append("strongest decay on pixels (row, col): "
-                 + ", ".join(f"({i // 8},{i % 8})" for i in strongest))
-    lines.append("weakest decay on pixels (row, col):   "
-                 + ", ".join(f"({i // 8},{i % 8})" for i in weakest))
-    lines.append("decay per pixel, relative to the start (8x8 image):")
+    used = decay[~blank]
+    lines = [
+        f"learned decays ({INIT_DECAY:g} at the start): output layer "
+        f"{log_decay['output'].detach().exp():.3g}; the {len(used)} pixels that vary in the "
+        f"training split: mean {used.mean():.3g}, median {used.median():.3g}, "
+        f"min {used.min():.3g}, max {used.max():.3g}",
+    ]
+    order = decay.masked_fill(blank, float("nan"))
+    strongest = [i for i in order.argsort(descending=True).tolist() if not blank[i]][:6]
+    weakest = order.argsort().tolist()[:6]
+    pixel = lambda i: f"({i // 8},{i % 8}) {decay[i]:.3g}"  # noqa: E731
+    lines.append("strongest decay, pixel (row,col): " + ", ".join(map(pixel, strongest)))
+    lines.append("weakest decay, pixel (row,col):   " + ", ".join(map(pixel, weakest)))
+    lines.append(f"decay / starting decay, per pixel ({int(blank.sum())} blank in every "
+                 "training image: '-'):")
     for row in range(8):
-        lines.append("  " + " ".join(f"{decay[row * 8 + c] / INIT_DECAY:6.2f}" for c in range(8)))
+        cells = ("     -" if blank[i] else f"{decay[i] / INIT_DECAY:6.2f}"
+                 for i in range(row * 8, row * 8 + 8))
+        lines.append("  " + " ".join(cells))
     return lines
 
 
 def main(steps: int = STEPS, quiet: bool = False, seed: int = SEED) -> dict[str, float]:
-    """Train the baseline and the learned-decay classifier; print and return the numbers."""
+    """Train the classifier with fixed and with learned decays; print and return the numbers.
+
+    Args:
+        steps: Classifier training steps, for both runs (the hpo level takes
+            ``steps // INNER_STEPS``).
+        quiet: Print nothing.
+        seed: Seeds the data split, the initialization and the batch order.
+
+    Returns:
+        ``baseline_test_acc``, ``learned_test_acc``, ``val_acc_before``, ``val_acc_after``,
+        ``val_loss_before``, ``val_loss_after`` ("before" is the fixed starting decay) and
+        ``wall_s``.
+    """
     say = (lambda *a: None) if quiet else print
     start = time.perf_counter()
     splits = load_splits(seed)
 
-    net0 = baseline(splits, steps, seed)
-    program, net, log_decay = learned(splits, steps, seed)
+    program, net, log_decay = build_program(splits, seed)
+    say(program)                        # levels, edges, reads and the compiled schedule
+    say()
+    history = program.run(steps=steps)
+    baseline_net = train_baseline(splits, steps, seed)
 
-    say(program)
+    say(program.visualize())            # the level graph, with step counts and last losses
     say()
-    say(program.compile())
-    say()
-    val_loss0, val_acc0 = evaluate(net0, splits["val"])
+    val_loss0, val_acc0 = evaluate(baseline_net, splits["val"])
     val_loss1, val_acc1 = evaluate(net, splits["val"])
-    _, test_acc0 = evaluate(net0, splits["test"])
+    _, test_acc0 = evaluate(baseline_net, splits["test"])
     _, test_acc1 = evaluate(net, splits["test"])
-    steps_taken = program.steps
-    say(f"trained {steps_taken['classifier']} classifier steps, {steps_taken['hpo']} hpo steps "
-        f"on {N_TRAIN} train / {N_VAL} val / {len(splits['test'][1])} test digits")
-    say(f"validation loss: fixed decay {val_loss0:.3f} -> learned decay {val_loss1:.3f}")
-    say(f"validation acc:  fixed decay {val_acc0:.3f} -> learned decay {val_acc1:.3f}")
-    say(f"test acc:        fixed decay {test_acc0:.3f} -> learned decay {test_acc1:.3f}")
-    for line in describe_decays(log_decay, splits["train"][0]):
+    hpo_loss = history.series("hpo", "loss")
+    k = max(1, min(20, len(hpo_loss) // 4))
+    say(f"{steps} classifier steps, {program.steps['hpo']} hpo steps; {N_TRAIN} train / "
+        f"{N_VAL} val / {len(splits['test'][1])} test digits")
+    if hpo_loss:
+        say(f"hpo loss (validation batches), mean of its first {k} steps "
+            f"{sum(hpo_loss[:k]) / k:.3f} -> last {k} steps {sum(hpo_loss[-k:]) / k:.3f}")
+    say(f"validation loss: fixed decay {val_loss0:.3f}   learned decay {val_loss1:.3f}")
+    say(f"validation acc:  fixed decay {val_acc0:.3f}   learned decay {val_acc1:.3f}")
+    say(f"test acc:        fixed decay {test_acc0:.3f}   learned decay {test_acc1:.3f}")
+    blank = splits["train"][0].std(0) == 0
+    for line in describe_decays(log_decay, blank):
         say(line)
     wall = time.perf_counter() - start
     say(f"wall time: {wall:.1f} s")
@@ -198,4 +224,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=STEPS,
                         help=f"classifier training steps (default {STEPS})")
-    main(steps=parser.parse_args().steps)
+    parser.add_argument("--seed", type=int, default=SEED,
+                        help=f"seed of the split, initialization and batch order (default {SEED})")
+    arguments = parser.parse_args()
+    main(steps=arguments.steps, seed=arguments.seed)

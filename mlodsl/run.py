@@ -77,7 +77,7 @@ class Interpreter:
         self.edges = {(e.upper, e.lower): EdgeProblem(
             upper=e.upper, lower=e.lower, upper_params=self.params[e.upper],
             lower_params=self.params[e.lower], lower_loss=self._lower_loss_fn(e.lower, e.upper),
-            lower_optimizer=self.nodes[e.lower].optimizer)
+            lower_optimizer=self.nodes[e.lower].optimizer, lower_module=self.nodes[e.lower].module)
             for e in graph.edges}
         self.view = GraphView(params=self.params,
                               below={a.level: a.below for a in self.schedule.actions},

@@ -32,6 +32,7 @@ class EdgeProblem:
         lower_loss: Re-evaluates the lower level's loss at the current parameters on its
             current batch, with autograd recording.
         lower_optimizer: The lower level's optimizer (its state preconditions ``sama``).
+        lower_module: The lower level's module (forward-mode HVPs swap its parameters).
         state: Persists across outer steps for this edge (warm starts, eigenvalue caches).
     """
 
@@ -41,6 +42,7 @@ class EdgeProblem:
     lower_params: tuple[torch.Tensor, ...]
     lower_loss: Callable[[], torch.Tensor]
     lower_optimizer: torch.optim.Optimizer | None = None
+    lower_module: Any = None
     state: dict[str, Any] = field(default_factory=dict)
 
 

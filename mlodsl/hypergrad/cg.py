@@ -18,13 +18,17 @@ class CG:
     tol: float = 1e-10
     mu: float = 0.0
     warm_start: bool = True
+    hvp: str = "reverse"
     name: str = "cg"
 
     def __call__(self, edge: EdgeProblem, v: torch.Tensor) -> EdgeResult:
-        g = kernels.grad_graph(edge.lower_loss(), edge.lower_params)
+        g = kernels.grad_graph(edge.lower_loss(), edge.lower_params, edge.lower)
+
+        hessian = kernels.hessian_operator(self.hvp, g, edge.lower_params, edge.lower,
+                                           edge.lower_module, edge.lower_loss)
 
         def matvec(x: torch.Tensor) -> torch.Tensor:
-            hx = kernels.hvp(g, edge.lower_params, x, edge.lower)
+            hx = hessian(x)
             return hx.add(x, alpha=self.mu) if self.mu else hx
 
         previous = edge.state.get("cg_solution") if self.warm_start else None
@@ -40,7 +44,7 @@ class CG:
 
 
 def cg(*, iterations: int = 10, tol: float = 1e-10, mu: float = 0.0,
-       warm_start: bool = True) -> CG:
+       warm_start: bool = True, hvp: str = "reverse") -> CG:
     """Conjugate-gradient implicit hypergradient (Pedregosa 2016; Rajeswaran et al. 2019).
 
     Args:
@@ -48,9 +52,15 @@ def cg(*, iterations: int = 10, tol: float = 1e-10, mu: float = 0.0,
         tol: Stop when the residual is below ``tol * ||v||``.
         mu: Damping: solve ``(H + mu I) u = v``; use ``mu > 0`` for non-convex lower levels.
         warm_start: Start from the previous outer step's solution.
+        hvp: Hessian-vector products by ``"reverse"``-over-reverse autograd (default) or
+            ``"forward"``-over-reverse ``torch.func`` (needs an ``nn.Module`` lower level).
+
+    Example:
+        >>> @ml.level(upper_of="classifier", grad=ml.hypergrad.cg(iterations=20, mu=1e-3), ...)
     """
     if iterations < 1:
         raise ValueError(f"cg iterations must be >= 1, got {iterations}")
     if tol < 0 or mu < 0:
         raise ValueError(f"cg tol and mu must be >= 0, got tol={tol}, mu={mu}")
-    return CG(iterations=iterations, tol=tol, mu=mu, warm_start=warm_start)
+    kernels.check_hvp_mode(hvp)
+    return CG(iterations=iterations, tol=tol, mu=mu, warm_start=warm_start, hvp=hvp)

@@ -31,6 +31,15 @@ _TOO_LARGE = (
 )
 
 
+_SINGULAR = (
+    "grad='exact' on level '{level}': the Jacobian of the optimality conditions of the "
+    "levels below it ('{below}') is singular, so their best response is not locally unique (a loss linear "
+    "in its parameters, a flat direction, or an operation with no second-order rule). Add "
+    "regularization to the lower loss, or use grad='finite_diff', which needs only first "
+    "derivatives."
+)
+
+
 @dataclass(frozen=True)
 class Exact:
     """Dense implicit differentiation of the joint optimality system of all lower levels."""
@@ -53,7 +62,7 @@ class Exact:
         jacobian = kernels.dense_jacobian(stacked, lower_params, upper)
         rhs = torch.cat([torch.zeros_like(kernels.flat(view.params[name]))
                          if partials[name] is None else partials[name] for name in below])
-        u = torch.linalg.solve(jacobian.T, rhs)
+        u = _solve(jacobian.T, rhs, upper, below)
         residual = float((jacobian.T @ u - rhs).norm() / rhs.norm().clamp_min(1e-300))
         mixed = kernels.mixed_vjp(stacked, view.params[upper], u)
         return EdgeResult(None if mixed is None else -mixed,
@@ -68,17 +77,20 @@ def _reduced_gradient(view: GraphView, name: str, cache: dict[str, torch.Tensor]
         return cache[name]
     own = view.params[name]
     below = view.below[name]
+    if not below:
+        cache[name] = kernels.grad_graph(view.loss(name), own, name)
+        return cache[name]
     lower_params = [p for lower in below for p in view.params[lower]]
     grads = torch.autograd.grad(view.loss(name), [*own, *lower_params], create_graph=True,
                                 allow_unused=True)
     direct = kernels.flat_or_zeros(grads[:len(own)], own)
     if direct is None:
         direct = torch.zeros_like(kernels.flat(own))
-    through_lowers = kernels.flat_or_zeros(grads[len(own):], lower_params) if below else None
+    through_lowers = kernels.flat_or_zeros(grads[len(own):], lower_params)
     if through_lowers is not None:
         stacked = torch.cat([_reduced_gradient(view, lower, cache) for lower in below])
         jacobian = kernels.dense_jacobian(stacked, lower_params, name, create_graph=True)
-        u = torch.linalg.solve(jacobian.T, through_lowers)
+        u = _solve(jacobian.T, through_lowers, name, below)
         mixed = torch.autograd.grad(stacked, own, grad_outputs=u, create_graph=True,
                                     allow_unused=True)
         correction = kernels.flat_or_zeros(mixed, own)
@@ -86,6 +98,14 @@ def _reduced_gradient(view: GraphView, name: str, cache: dict[str, torch.Tensor]
             direct = direct - correction
     cache[name] = direct
     return direct
+
+
+def _solve(matrix: torch.Tensor, rhs: torch.Tensor, level: str, below: tuple[str, ...]
+           ) -> torch.Tensor:
+    try:
+        return torch.linalg.solve(matrix, rhs)
+    except torch.linalg.LinAlgError as error:
+        raise HypergradError(_SINGULAR.format(level=level, below="', '".join(below))) from error
 
 
 def exact(*, max_params: int = 4096) -> Exact:

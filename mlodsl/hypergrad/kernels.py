@@ -20,6 +20,15 @@ _NO_SECOND_ORDER = (
 )
 
 
+_NO_CURVATURE = (
+    "level '{level}': the gradient of its loss does not depend on its parameters, so there is "
+    "no Hessian to invert. Either the loss is linear in them (it has no minimum to "
+    "differentiate through) or an operation in it has no second-order rule (custom autograd "
+    "functions marked once_differentiable, some fused kernels). Use grad='finite_diff' on the "
+    "level above it, which needs only first derivatives."
+)
+
+
 def flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Concatenate tensors into one flat vector."""
     return torch.cat([t.reshape(-1) for t in tensors])
@@ -39,13 +48,17 @@ def flat_or_zeros(grads: Sequence[torch.Tensor | None], like: Sequence[torch.Ten
     return flat([torch.zeros_like(t) if g is None else g for g, t in zip(grads, like)])
 
 
-def grad_graph(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Flat gradient of ``loss`` w.r.t. ``params``, kept differentiable for HVPs."""
+def grad_graph(loss: torch.Tensor, params: Sequence[torch.Tensor], level: str) -> torch.Tensor:
+    """Flat gradient of ``loss`` w.r.t. ``params``, kept differentiable for HVPs.
+
+    Raises:
+        HypergradError: the gradient does not depend on the parameters: the loss is linear in
+            them (no minimum to differentiate through) or an operation has no second-order rule.
+    """
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
     g = flat_or_zeros(grads, params)
     if g is None or not g.requires_grad:
-        # The loss is linear in the parameters (or ignores them): its Hessian is zero.
-        g = (flat(params) * 0.0) if g is None else g + flat(params) * 0.0
+        raise HypergradError(_NO_CURVATURE.format(level=level))
     return g
 
 
@@ -56,11 +69,75 @@ def hvp(g: torch.Tensor, params: Sequence[torch.Tensor], v: torch.Tensor, level:
         out = torch.autograd.grad(g, params, grad_outputs=v, retain_graph=True,
                                   allow_unused=True)
     except RuntimeError as error:
-        if "double backward" in str(error) or "derivative for" in str(error):
+        if any(m in str(error) for m in ("double backward", "derivative for", "twice",
+                                          "not implemented")):
             raise HypergradError(_NO_SECOND_ORDER.format(level=level, error=error)) from error
         raise
     result = flat_or_zeros(out, params)
-    return torch.zeros_like(v) if result is None else result
+    if result is None:  # the gradient's graph never reaches the parameters: H is undefined
+        raise HypergradError(_NO_CURVATURE.format(level=level))
+    return result
+
+
+HVP_MODES = ("reverse", "forward")
+
+_FORWARD_NEEDS_MODULE = (
+    "hvp='forward' on level '{level}' needs its module to be an nn.Module (its parameters are "
+    "swapped with torch.func.functional_call); it trains a {kind}. Use hvp='reverse'."
+)
+
+
+def check_hvp_mode(mode: str) -> None:
+    """Raise ``ValueError`` unless ``mode`` is a known Hessian-vector product mode."""
+    if mode not in HVP_MODES:
+        raise ValueError(f"hvp must be one of {', '.join(HVP_MODES)}, got {mode!r}")
+
+
+class _Scope(torch.nn.Module):
+    """Holds a level's module so ``functional_call`` can swap its parameters for the duration
+    of a call to the level's loss, which refers to the very same module object."""
+
+    def __init__(self, module: torch.nn.Module, loss: Callable[[], torch.Tensor]) -> None:
+        super().__init__()
+        self.inner = module
+        self._loss = loss
+
+    def forward(self) -> torch.Tensor:
+        return self._loss()
+
+
+def hessian_operator(mode: str, g: torch.Tensor, params: Sequence[torch.Tensor], level: str,
+                     module: Any = None, loss: Callable[[], torch.Tensor] | None = None
+                     ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``v -> H v`` for a level's loss.
+
+    ``"reverse"`` differentiates the kept gradient graph ``g`` again (reverse-over-reverse).
+    ``"forward"`` pushes a tangent through ``torch.func.grad`` of the loss
+    (forward-over-reverse, ``torch.func.jvp``); it keeps no second-order graph between products.
+    """
+    if mode == "reverse":
+        return lambda v: hvp(g, params, v, level)
+    if not isinstance(module, torch.nn.Module) or loss is None:
+        raise HypergradError(_FORWARD_NEEDS_MODULE.format(level=level,
+                                                          kind=type(module).__name__))
+    scope = _Scope(module, loss)
+    by_id = {id(p): name for name, p in scope.named_parameters(remove_duplicate=False)}
+    names = [by_id[id(p)] for p in params]
+    primals = tuple(p.detach() for p in params)
+
+    def loss_at(*tensors: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(scope, dict(zip(names, tensors)), (), strict=False)
+
+    gradient = torch.func.grad(loss_at, argnums=tuple(range(len(params))))
+
+    def forward_hvp(v: torch.Tensor) -> torch.Tensor:
+        try:
+            _, tangent = torch.func.jvp(gradient, primals, tuple(unflat(v, params)))
+        except RuntimeError as error:
+            raise HypergradError(_NO_SECOND_ORDER.format(level=level, error=error)) from error
+        return flat(tangent).detach()
+
+    return forward_hvp
 
 
 def mixed_vjp(g: torch.Tensor, upper_params: Sequence[torch.Tensor], u: torch.Tensor,
