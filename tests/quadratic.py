@@ -40,6 +40,14 @@ class Ridge:
             self.w.copy_(self.solution())
 
 
+def ridge_from_data(X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor, yv: torch.Tensor,
+                    log_decay: float = -1.0) -> Ridge:
+    """A ridge problem on given train/validation splits, per-feature decay ``exp(log_decay)``."""
+    d = X.shape[1]
+    return Ridge(X, y, Xv, yv, torch.nn.Parameter(torch.zeros(d, dtype=X.dtype)),
+                 torch.nn.Parameter(torch.full((d,), log_decay, dtype=X.dtype)))
+
+
 def make_ridge(n: int = 60, d: int = 6, seed: int = 0, scales: torch.Tensor | None = None
                ) -> Ridge:
     """Synthetic ridge data; ``scales`` stretches the features (raises the condition number)."""
