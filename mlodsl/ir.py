@@ -54,7 +54,13 @@ class LevelNode:
     def describe(self) -> str:
         """One line: what the level trains, with what, on what."""
         count = sum(p.numel() for p in self.params)
-        parts = [f"{type(self.module).__name__} ({count:,} params)",
+        if isinstance(self.module, Mapping):
+            kind = f"dict{{{', '.join(map(str, self.module))}}}"
+        elif isinstance(self.module, tuple):
+            kind = f"list[{len(self.module)}]"
+        else:
+            kind = type(self.module).__name__
+        parts = [f"{kind} ({count:,} params)",
                  f"optimizer={type(self.optimizer).__name__}",
                  f"data={'none' if self.data is None else type(self.data).__name__}"]
         if self.lowers:

@@ -60,6 +60,28 @@ def test_cg_warm_start_needs_fewer_products_during_training():
     assert products(warm=True) < 0.5 * products(warm=False)
 
 
+def test_cg_never_returns_worse_than_its_start_on_indefinite_hessian():
+    """A saddle-shaped lower level: CG stops at negative curvature, never carries a failed solve
+    forward as a warm start, and the run stays finite."""
+    w = torch.nn.Parameter(torch.tensor([0.3, -0.2, 0.1], dtype=DTYPE))
+    lam = torch.nn.Parameter(torch.tensor([0.5, 0.5, 0.5], dtype=DTYPE))
+    curv = torch.tensor([1.0, -3.0, 0.5], dtype=DTYPE)
+
+    @ml.level(module=w, optimizer=torch.optim.SGD([w], lr=0.01))
+    def saddle(up):
+        return 0.5 * (curv * w * w).sum() - w @ up.module
+
+    @ml.level(upper_of="saddle", grad=ml.hypergrad.cg(iterations=10), module=lam,
+              optimizer=torch.optim.SGD([lam], lr=0.01))
+    def up(saddle):
+        return saddle.module.pow(2).sum()
+
+    program = ml.program(saddle, up)
+    history = program.run(steps=30)
+    assert all(res <= 1.0 + 1e-12 for res in history.series("up", "up->saddle/residual"))
+    assert torch.isfinite(lam).all() and torch.isfinite(w).all()
+
+
 def test_cg_damping_solves_the_shifted_system():
     r = make_ridge(d=5)
     mu = 0.7
@@ -209,9 +231,11 @@ def mlp_program(grad, lower_module=True):
 
 @pytest.mark.parametrize("method", ["cg", "neumann"])
 def test_forward_over_reverse_hvp_matches_reverse_over_reverse(method):
+    options = {"mu": 1.0} if method == "cg" else {}  # damped: the MLP's Hessian is indefinite
     factory = getattr(ml.hypergrad, method)
-    reverse = mlp_program(factory(iterations=15, hvp="reverse")).hypergrad("hpo")[0]
-    forward = mlp_program(factory(iterations=15, hvp="forward")).hypergrad("hpo")[0]
+    reverse = mlp_program(factory(iterations=15, hvp="reverse", **options)).hypergrad("hpo")[0]
+    forward = mlp_program(factory(iterations=15, hvp="forward", **options)).hypergrad("hpo")[0]
+    assert reverse.abs() > 1e-6
     assert rel_err(forward, reverse) <= 1e-10
 
 

@@ -36,7 +36,7 @@ class CG:
             previous = None
         u, used, residual = kernels.conjugate_gradient(matvec, v.detach(), previous,
                                                        self.iterations, self.tol)
-        if self.warm_start:
+        if self.warm_start and residual < 1.0:  # never carry a failed solve forward
             edge.state["cg_solution"] = u.detach()
         mixed = kernels.mixed_vjp(g, edge.upper_params, u)
         return EdgeResult(None if mixed is None else -mixed,

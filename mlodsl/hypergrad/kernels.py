@@ -195,11 +195,14 @@ def dense_jacobian(out: torch.Tensor, params: Sequence[torch.Tensor], level: str
 def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor,
                        x0: torch.Tensor | None, iterations: int, tol: float
                        ) -> tuple[torch.Tensor, int, float]:
-    """Solve ``A x = b`` for symmetric positive definite ``A``.
+    """Solve ``A x = b`` for symmetric ``A``, positive definite or not.
 
     The search direction is built from the *new* residual (Hestenes-Stiefel), and the loop
     exits once ``||r|| <= tol * ||b||``, so more iterations never make the answer worse and a
-    converged solve never divides zero by zero.
+    converged solve never divides zero by zero. Where ``A`` is not positive definite (a
+    non-convex lower level) the loop stops at the first direction of non-positive curvature, a
+    warm start worse than zero is dropped, and an answer whose residual ended above its start is
+    replaced by the start: the solver never returns something worse than where it began.
 
     Returns:
         ``(x, iterations used, final relative residual)``.
@@ -207,12 +210,14 @@ def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.
     b_norm = float(b.norm())
     if b_norm == 0.0:
         return torch.zeros_like(b), 0, 0.0
-    if x0 is None:
-        x, r = torch.zeros_like(b), b.clone()
-    else:
-        x, r = x0.clone(), b - matvec(x0)
+    x, r = torch.zeros_like(b), b.clone()
+    if x0 is not None:
+        r0 = b - matvec(x0)
+        if float(r0.norm()) < b_norm:
+            x, r = x0.clone(), r0
+    start, start_rs = x.clone(), float(r @ r)
     p = r.clone()
-    rs = float(r @ r)
+    rs = start_rs
     used = 0
     while used < iterations and rs ** 0.5 > tol * b_norm:
         ap = matvec(p)
@@ -226,6 +231,8 @@ def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.
         p.mul_(rs_new / rs).add_(r)
         rs = rs_new
         used += 1
+    if not rs <= start_rs:  # also catches NaN
+        return start, used, start_rs ** 0.5 / b_norm
     return x, used, rs ** 0.5 / b_norm
 
 
