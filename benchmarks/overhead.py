@@ -5,7 +5,10 @@ decay, then one upper Adam step on the validation loss with the hypergradient of
 method. Both sides start from identical weights and see identical batches; rounds alternate
 between them in one process so drift in machine speed hits both. Prints the median ratio.
 
-    python benchmarks/overhead.py [--rounds 30] [--steps 20] [--methods finite_diff cg neumann]
+    python benchmarks/overhead.py [--rounds 300] [--steps 3] [--methods finite_diff cg neumann]
+
+Short blocks alternate many times: longer blocks let the machine's clock and caches drift
+between the two sides and blur a few-percent difference.
 """
 
 from __future__ import annotations
@@ -102,7 +105,7 @@ def manual_stepper(method: str, batches, val):
         direct = torch.zeros_like(log_wd) if grads[0] is None else grads[0]
         v = flat(grads[1:])
         if method == "finite_diff":
-            eps = FD_RADIUS / v.norm()
+            eps = FD_RADIUS / float(v.norm())
             shift = [s * eps for s in torch.split(v, [p.numel() for p in params])]
             shift = [s.view_as(p) for s, p in zip(shift, params)]
             saved = [p.detach().clone() for p in params]
@@ -162,7 +165,7 @@ def measure(method: str, rounds: int, steps: int) -> tuple[float, float, float]:
     batches, val = make_data()
     ours, net_a = mlodsl_stepper(method, batches, val)
     theirs, net_b = manual_stepper(method, batches, val)
-    ours(2), theirs(2)  # warm up allocators and autograd caches
+    ours(10), theirs(10)  # warm up allocators and autograd caches
     ratios, t_ours, t_theirs = [], [], []
     for r in range(rounds):
         order = (ours, theirs) if r % 2 == 0 else (theirs, ours)
@@ -183,8 +186,8 @@ def measure(method: str, rounds: int, steps: int) -> tuple[float, float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--methods", nargs="+", default=["finite_diff", "cg", "neumann"])
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; MLP {IN}-{HIDDEN}-{OUT}, "

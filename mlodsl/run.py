@@ -216,6 +216,8 @@ class Interpreter:
 
 
 def _split_loss(node: LevelNode, out: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+    if type(out) is torch.Tensor and out.ndim == 0 and out.requires_grad:  # the common case
+        return out, {"loss": out.detach()}
     if isinstance(out, Mapping):
         if "loss" not in out:
             raise LossError(_NOT_A_LOSS.format(

@@ -13,6 +13,7 @@ level's loss with that level's own lowers held fixed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -82,7 +83,7 @@ def total_hypergrad(
         return any(partial[n] is not None for n in (lower, *view.below[lower]))
 
     for lower in lowers[top]:
-        if not reads_below(lower):
+        if partial[lower] is None and not reads_below(lower):
             raise NoDependencyError(_UPPER_IGNORES_LOWER.format(
                 upper=top, lower=lower, where=where[top]))
 
@@ -113,7 +114,7 @@ def total_hypergrad(
     if total is None:
         total = torch.zeros_like(kernels.flat(params[top]))
     norm = torch.linalg.vector_norm(total)
-    if not torch.isfinite(norm):
+    if not math.isfinite(norm.item()):
         raise HypergradError(_NOT_FINITE.format(level=top, where=where[top], figures=", ".join(
             f"{k}={float(x):.3g}" for k, x in diagnostics.items()
             if isinstance(x, (int, float, torch.Tensor)))))

@@ -19,9 +19,10 @@ class FiniteDiff:
 
     def __call__(self, edge: EdgeProblem, v: torch.Tensor) -> EdgeResult:
         mixed, eps = kernels.central_mixed_difference(
-            edge.lower_loss, edge.lower_params, edge.upper_params, v, self.radius)
+            edge.lower_loss, edge.lower_params, edge.upper_params, v, self.radius,
+            scale=-1.0)
         # (d w*/d lam)^T v = -(d^2 L / d lam d w) v under H^{-1} = I.
-        return EdgeResult(None if mixed is None else -mixed, {"eps": eps})
+        return EdgeResult(mixed, {"eps": eps})
 
 
 def finite_diff(*, radius: float = 0.01) -> FiniteDiff:

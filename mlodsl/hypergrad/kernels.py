@@ -30,12 +30,16 @@ _NO_CURVATURE = (
 
 
 def flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Concatenate tensors into one flat vector."""
+    """Concatenate tensors into one flat vector (a view when there is only one)."""
+    if len(tensors) == 1:
+        return tensors[0].reshape(-1)
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
 def unflat(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Split a flat vector into views shaped like ``like``."""
+    if len(like) == 1:
+        return [vector.view_as(like[0])]
     pieces = torch.split(vector, [t.numel() for t in like])
     return [piece.view_as(t) for piece, t in zip(pieces, like)]
 
@@ -43,7 +47,11 @@ def unflat(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Ten
 def flat_or_zeros(grads: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]
                   ) -> torch.Tensor | None:
     """Flatten ``grads``; ``None`` entries become zeros. All ``None`` gives ``None``."""
-    if all(g is None for g in grads):
+    # Identity tests only: `None in grads` would call Tensor.__eq__ on every gradient.
+    missing = [g is None for g in grads]
+    if not any(missing):
+        return flat(grads)
+    if all(missing):
         return None
     return flat([torch.zeros_like(t) if g is None else g for g, t in zip(grads, like)])
 
@@ -253,25 +261,27 @@ def power_iteration(matvec: Callable[[torch.Tensor], torch.Tensor], like: torch.
 
 def central_mixed_difference(loss: Callable[[], torch.Tensor], params: Sequence[torch.Tensor],
                              upper_params: Sequence[torch.Tensor], direction: torch.Tensor,
-                             radius: float) -> tuple[torch.Tensor | None, float]:
-    """``(d^2 L / d lam d w) d`` by a central difference of ``dL/dlam`` at ``w +- eps d``.
+                             radius: float, scale: float = 1.0
+                             ) -> tuple[torch.Tensor | None, float]:
+    """``scale * (d^2 L / d lam d w) d`` by a central difference of ``dL/dlam`` at
+    ``w +- eps d``, ``eps = radius / ||d||``.
 
-    ``eps = radius / ||d||``. The lower parameters are restored bit-exactly, also on error.
+    The lower parameters are restored bit-exactly, also on error.
     Returns ``(product or None if L ignores lam, eps)``.
     """
     d_norm = float(direction.norm())
     if d_norm == 0.0:
         return torch.zeros_like(flat(upper_params)), 0.0
     eps = radius / d_norm
-    shift = [piece * eps for piece in unflat(direction, params)]
+    shift = unflat(direction * eps, params)
     saved = [p.detach().clone() for p in params]
     try:
         with torch.no_grad():
             torch._foreach_add_(params, shift)
         plus = _grad_or_none(loss(), upper_params)
         with torch.no_grad():
-            for p, s, orig in zip(params, shift, saved):
-                p.copy_(orig).sub_(s)
+            torch._foreach_copy_(params, saved)
+            torch._foreach_sub_(params, shift)
         minus = _grad_or_none(loss(), upper_params)
     finally:
         # Copy back the saved values: adding and subtracting eps*d is not bit-exact.
@@ -279,7 +289,7 @@ def central_mixed_difference(loss: Callable[[], torch.Tensor], params: Sequence[
             torch._foreach_copy_(params, saved)
     if plus is None:
         return None, eps
-    return (plus - minus) / (2 * eps), eps
+    return (plus - minus).mul_(scale / (2 * eps)), eps
 
 
 def _grad_or_none(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor | None:

@@ -63,9 +63,10 @@ class Sama:
         scale = kernels.flat([update_jacobian(optimizer, p) for p in edge.lower_params])
         direction = scale * v
         mixed, eps = kernels.central_mixed_difference(
-            edge.lower_loss, edge.lower_params, edge.upper_params, direction, self.radius)
+            edge.lower_loss, edge.lower_params, edge.upper_params, direction, self.radius,
+            scale=-1.0)
         diagnostics = {"eps": eps, "preconditioner_mean": float(scale.mean())}
-        return EdgeResult(None if mixed is None else -mixed, diagnostics)
+        return EdgeResult(mixed, diagnostics)
 
 
 def sama(*, radius: float = 0.01) -> Sama:
