@@ -10,18 +10,20 @@ Example:
     >>> program.run(steps=1000)
 """
 
-from mlodsl import errors, hypergrad
+from mlodsl import errors, hypergrad, log, viz
 from mlodsl.check import HypergradCheck, check_hypergrad
 from mlodsl.compile import Schedule
 from mlodsl.dsl import Level, level
 from mlodsl.errors import MlodslError, TraceError
 from mlodsl.history import History
 from mlodsl.hooks import Hook
-from mlodsl.program import Program, program
+from mlodsl.checkpoint import CheckpointError
+from mlodsl.program import Program, load, program
+from mlodsl.validation import EarlyStopping
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "HypergradCheck", "check_hypergrad", "Hook", "History", "Level", "MlodslError", "Program", "Schedule", "TraceError", "errors",
-    "hypergrad", "level", "program",
+    "CheckpointError", "EarlyStopping", "HypergradCheck", "check_hypergrad", "load", "Hook", "History", "Level", "MlodslError", "Program", "Schedule", "TraceError", "errors",
+    "hypergrad", "level", "log", "program", "viz",
 ]

@@ -115,7 +115,7 @@ def _finite_difference(runtime: Any, name: str, below: tuple[str, ...], epsilon:
                     for p, piece in zip(params, kernels.unflat(shifted, params)):
                         p.copy_(piece)
                 worst = max(worst, _solve_below(runtime, below, solve_steps))
-                loss, _ = runtime._evaluate(runtime.nodes[name], runtime._current_batch(name))
+                loss = runtime.loss_of(name)
                 values.append(float(loss.detach()))
         expected[i] = (values[0] - values[1]) / (2 * epsilon)
     return expected, worst
@@ -128,12 +128,11 @@ def _solve_below(runtime: Any, below: tuple[str, ...], steps: int) -> float:
     for step in range(1, steps + 1):
         for action in actions:
             if step % action.every == 0:
-                runtime.update(action.level, runtime._current_batch(action.level),
-                               schedulers=False)
+                runtime.update(action.level, runtime.current_batches(action.level))
     worst = 0.0
     for lower in below:
         if not runtime.view.below[lower]:
-            loss, _ = runtime._evaluate(runtime.nodes[lower], runtime._current_batch(lower))
+            loss = runtime.loss_of(lower)
             grads = torch.autograd.grad(loss, runtime.params[lower], allow_unused=True)
             flat = kernels.flat_or_zeros(grads, runtime.params[lower])
             worst = max(worst, 0.0 if flat is None else float(flat.norm()))

@@ -28,10 +28,6 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # Options accepted now, honoured by the issue that builds them. A non-default value must never be
 # silently ignored, so it raises until then.
 _PENDING_TRAINING_OPTIONS = {
-    "accumulate": 1,
-    "precision": "fp32",
-    "warmup": 0,
-    "log_every": 1,
 }
 
 _NOT_YET = (
@@ -160,11 +156,14 @@ def level(
             returns a batch, or ``None``.
         inner_steps: Steps each level below takes between two updates of this level.
         init_from: Upper level whose parameters this level restarts from (MAML-style).
-        accumulate: Micro-batches per optimizer step.
+        accumulate: Micro-batches per optimizer step: each step of this level takes this many
+            batches and averages their gradients (hypergradients for an upper level).
         clip_grad_norm: Clip this level's gradient to this total norm before each step.
-        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
-        warmup: Lower-only steps before this level's first update.
-        log_every: Logging interval in steps.
+        precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"fp16"`` (autocast with dynamic loss
+            scaling); parameters stay fp32.
+        warmup: Program steps before this level's first update (its lowers train alone).
+        log_every: Send this level's metrics to the program's logger every this many of
+            its steps (the history keeps every step).
 
     Returns:
         A :class:`Level`, still callable as the plain function.
@@ -232,6 +231,13 @@ def _make_spec(fn: Callable[..., Any], **a: Any) -> LevelSpec:
 
     if a["precision"] not in PRECISIONS:
         raise bad(f"precision must be one of {', '.join(PRECISIONS)}, got {a['precision']!r}")
+    for option in ("accumulate", "warmup"):
+        value, low = a[option], (1 if option == "accumulate" else 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise bad(f"{option} must be an integer >= {low}, got {value!r}")
+    log_every = a["log_every"]
+    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+        raise bad(f"log_every must be a positive integer, got {log_every!r}")
     clip = a["clip_grad_norm"]
     if clip is not None and (not isinstance(clip, (int, float)) or clip <= 0):
         raise bad(f"clip_grad_norm must be a positive number or None, got {clip!r}")

@@ -72,8 +72,19 @@ class NoDependencyError(LevelRuntimeError):
     loss does not read its upper level, so the hypergradient would be identically zero."""
 
 
+class NonFiniteError(LevelRuntimeError):
+    """A loss or hypergradient was NaN or infinite; nothing was applied."""
+
+
 class HypergradError(LevelRuntimeError):
     """A hypergradient could not be computed (too large for ``exact``, no second-order rule)."""
+
+
+class MissingDependencyError(MlodslError, ImportError):
+    """An optional dependency (graphviz, matplotlib, pandas, tensorboard, wandb) is missing.
+
+    The message names the command that installs it.
+    """
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:

@@ -45,6 +45,10 @@ class LevelNode:
     lowers: tuple[str, ...]
     arguments: tuple[Argument, ...]
     clip_grad_norm: float | None
+    log_every: int = 1
+    accumulate: int = 1
+    precision: str = "fp32"
+    warmup: int = 0
 
     @property
     def reads(self) -> tuple[str, ...]:

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mlodsl import errors
+from mlodsl import checkpoint, errors
 from mlodsl.compile import Schedule, compile_schedule
 from mlodsl.dsl import Level
 from mlodsl.history import History
 from mlodsl.ir import Edge, Graph, LevelNode, Read
 from mlodsl.run import Interpreter
 from mlodsl.trace import trace
+
+if TYPE_CHECKING:
+    from mlodsl.viz import LevelGraph
 
 
 class Program:
@@ -120,6 +125,37 @@ class Program:
         return self._runtime.history
 
     @property
+    def stopped(self) -> str | None:
+        """Why the last ``run`` ended early (early stopping), or ``None``."""
+        return self._runtime.stopped
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the whole run to ``path``, atomically (a temporary file, then a rename).
+
+        Holds every level's parameters and buffers, optimizer, scheduler and loss-scaler
+        states, data positions (batch of epoch, with the epoch's shuffling order), step
+        counters, solver states (CG warm starts, eigenvalue estimates), random states and the
+        history. :meth:`load` (or :func:`mlodsl.load`) continues exactly as if never stopped.
+
+        Returns:
+            The path written.
+        """
+        return checkpoint.write(checkpoint.capture(self._runtime), path)
+
+    def load(self, path: str | os.PathLike[str]) -> Program:
+        """Restore a run saved by :meth:`save` (or a periodic checkpoint; a folder means its
+        newest). Loads with ``torch.load(weights_only=True)``: a checkpoint cannot run code.
+
+        Raises:
+            CheckpointError: the file is missing, truncated, tampered with, or from a program
+                with other levels or parameter shapes.
+        """
+        runtime = self._runtime
+        state, where = checkpoint.read(path, map_location=runtime.device)
+        checkpoint.restore(runtime, state, where)
+        return self
+
+    @property
     def steps(self) -> dict[str, int]:
         """Steps taken so far: ``"program"`` plus one entry per level."""
         runtime = self._runtime
@@ -127,10 +163,19 @@ class Program:
 
     # -- showing -------------------------------------------------------------------------------
 
-    def visualize(self) -> str:
-        """The level graph as text: each level with its lowers indented beneath it."""
-        from mlodsl.viz import render_text
-        return render_text(self)
+    def visualize(self, *, direction: str = "TB", detail: str = "full") -> LevelGraph:
+        """The level graph: one node per level, one edge per ``upper_of``, live figures after
+        a run. Renders inline in Jupyter; ``print`` it for text, ``.save("g.svg")`` to keep it.
+
+        Args:
+            direction: ``"TB"`` (top level on top), ``"LR"``, ``"BT"`` or ``"RL"``.
+            detail: ``"full"`` or ``"compact"`` (names, methods, steps and losses).
+
+        Returns:
+            A :class:`mlodsl.viz.LevelGraph` snapshot (see it for SVG/PNG/Mermaid export).
+        """
+        from mlodsl.viz import LevelGraph
+        return LevelGraph(self, direction=direction, detail=detail)
 
     def __repr__(self) -> str:
         width = max(len(n.name) for n in self.levels)
@@ -149,6 +194,8 @@ class Program:
                 if node.reads:
                     lines.append(f"  {node.name} reads {', '.join(node.reads)}")
         lines.append(str(self._schedule))
+        from mlodsl.viz import render_text
+        lines += ["graph:", *("  " + line for line in render_text(self).splitlines())]
         return "\n".join(lines)
 
 
@@ -157,11 +204,17 @@ def program(*levels: Level, **options: Any) -> Program:
 
     Args:
         *levels: The levels (functions decorated with :func:`mlodsl.level`).
-        **options: ``device`` (where modules and batches go), ``seed`` (``torch.manual_seed``
-            before the first step), ``hooks`` (objects with ``on_run_start``,
-            ``on_step_end``, ``on_hypergrad``, ``on_run_end`` methods), ``progress``
+        **options: ``device`` (where modules and batches go); ``seed`` (seeds torch, Python
+            and NumPy before the first step: CPU runs are bit-reproducible); ``hooks``
+            (objects with ``on_run_start``, ``on_step_end``, ``on_hypergrad``,
+            ``on_validation``, ``on_checkpoint``, ``on_run_end`` methods); ``progress``
             (``True``/``False``; default: a bar on runs of 100+ steps in a terminal or
-            notebook).
+            notebook); ``validation`` (a function of level handles, ``program`` and/or
+            ``step`` returning a dict of metrics, run under ``torch.no_grad`` with modules in
+            eval mode) with ``validate_every`` (program steps) and ``early_stopping``
+            (:class:`mlodsl.EarlyStopping`); ``checkpoint_dir`` with ``checkpoint_every``
+            (program steps) and ``keep_checkpoints`` (default 3) for periodic checkpoints;
+            ``on_nonfinite`` (``"raise"``, the default, or ``"skip"`` a NaN/inf update).
 
     Returns:
         The program.
@@ -178,3 +231,13 @@ def program(*levels: Level, **options: Any) -> Program:
     if not levels:
         raise errors.InvalidLevelError("ml.program needs at least one level")
     return Program(trace(levels, options))
+
+
+def load(path: str | os.PathLike[str], *levels: Level, **options: Any) -> Program:
+    """Trace ``levels`` into a program (as :func:`program` does) and restore a saved run.
+
+    Example:
+        >>> prog = ml.load("runs/step-000001000.pt", classifier, hpo)
+        >>> prog.run(steps=1000)              # continues exactly where the saved run was
+    """
+    return program(*levels, **options).load(path)

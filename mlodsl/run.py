@@ -1,45 +1,43 @@
-"""The interpreter: walks the compiled schedule, calls level functions, applies updates."""
+"""The interpreter: walks the compiled schedule, calls level functions, applies updates.
+
+A *program step* runs every level due at it, bottom-up. A level's update either commits (its
+optimizer stepped, its counters advanced) or leaves no trace: on an error or Ctrl-C before the
+commit its batches go back to its data stream and the run can simply be called again, resuming
+inside the same program step.
+"""
 
 from __future__ import annotations
 
+import math
+import random
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from mlodsl import checkpoint
 from mlodsl.compile import Action
 from mlodsl.data import DataStream
-from mlodsl.errors import LossError
+from mlodsl.errors import NonFiniteError
 from mlodsl.handles import LevelHandle
 from mlodsl.history import History
 from mlodsl.hooks import HookSet, ProgressBar, wants_progress
+from mlodsl.log import loggers
 from mlodsl.hypergrad.base import EdgeProblem, GraphView
 from mlodsl.hypergrad.chain import total_hypergrad
+from mlodsl.interrupts import DeferredInterrupt
 from mlodsl.ir import Graph, LevelNode
+from mlodsl.levelcall import add_note, mean_record, split_loss
+from mlodsl.precision import Precision
+from mlodsl.validation import EarlyStopper, Validator
 
-_NOT_A_LOSS = (
-    "level '{name}' ({where}) returned {what}; a level function must return a scalar loss "
-    "tensor or a dict with a 'loss' entry (plus metrics to log)."
+_NON_FINITE = (
+    "level '{name}' ({where}) produced a non-finite {what} ({value}) at its step {step} "
+    "(program step {global_step}); nothing was applied, the parameters are those of the last "
+    "good step. Lower the learning rate, clip gradients (clip_grad_norm=...), or pass "
+    "on_nonfinite='skip' to ml.program to skip such updates."
 )
-_NOT_SCALAR = (
-    "level '{name}' ({where}) returned a loss of shape {shape}; it must be a scalar. Reduce it, "
-    "e.g. with .mean() or .sum()."
-)
-_NO_GRAD = (
-    "level '{name}' ({where}) returned a loss that does not require grad, so nothing can be "
-    "learned from it. Compute it from the level's parameters (not under torch.no_grad() or "
-    "from .detach()ed values)."
-)
-
-
-def _add_note(error: BaseException, note: str) -> None:
-    notes = getattr(error, "__notes__", None) or []
-    if any(n.startswith("mlodsl: ") for n in notes):
-        return  # the innermost level already said where it happened
-    if hasattr(error, "add_note"):
-        error.add_note(note)
-    else:  # Python 3.10
-        error.__notes__ = [*notes, note]  # type: ignore[attr-defined]
 
 
 class Interpreter:
@@ -52,7 +50,7 @@ class Interpreter:
         options = graph.options
         self.device = None if options.get("device") is None else torch.device(options["device"])
         if options.get("seed") is not None:
-            torch.manual_seed(options["seed"])
+            _seed_everything(options["seed"])
         self.nodes: dict[str, LevelNode] = {n.name: n for n in graph.levels}
         if self.device is not None:
             for node in graph.levels:
@@ -66,9 +64,13 @@ class Interpreter:
                             for n in graph.levels}
         self.reserved = {n.name: tuple((a.name, a.target) for a in n.arguments
                                        if a.kind == "reserved") for n in graph.levels}
-        self.batches: dict[str, Any] = {}
+        self.precision = {n.name: Precision(n.precision, n.params[0].device.type)
+                          for n in graph.levels}
+        self.batches: dict[str, tuple[Any, ...]] = {}
         self.level_steps = {n.name: 0 for n in graph.levels}
         self.global_step = 0
+        self.partial: tuple[int, int] | None = None  # (program step, next action) mid-step
+        self.stopped: str | None = None
         self.history = History(tuple(self.nodes))
         self.params = {n.name: n.params for n in graph.levels}
         self.lowers = {n.name: n.lowers for n in graph.levels}
@@ -82,7 +84,21 @@ class Interpreter:
         self.view = GraphView(params=self.params,
                               below={a.level: a.below for a in self.schedule.actions},
                               loss=self._loss_for_hypergrad)
-        self.user_hooks = HookSet(options.get("hooks") or ())
+        self.on_nonfinite = options.get("on_nonfinite") or "raise"
+        self.validator = None
+        if options.get("validation") is not None:
+            self.validator = Validator(options["validation"], options["validate_every"],
+                                       _validation_params(options["validation"], self.nodes),
+                                       self.handles, [n.module for n in graph.levels])
+        stopping = options.get("early_stopping")
+        self.early_stopper = EarlyStopper(stopping) if stopping is not None else None
+        self.checkpoint_dir = options.get("checkpoint_dir")
+        self.checkpoint_every = options.get("checkpoint_every")
+        self.keep_checkpoints = options.get("keep_checkpoints") or 3
+        self.interrupt = DeferredInterrupt()
+        self.committed = False
+        self.user_hooks = HookSet((*(options.get("hooks") or ()),
+                                   *loggers(options.get("logger"))))
 
     # -- running -----------------------------------------------------------------------------
 
@@ -90,57 +106,148 @@ class Interpreter:
         hooks = self.user_hooks
         if wants_progress(self.graph.options.get("progress"), steps):
             hooks = HookSet((*hooks.hooks, ProgressBar()))
-        hooks.fire("on_run_start", program=self.program, steps=steps)
-        try:
-            actions = self.schedule.actions
-            for _ in range(steps):
-                self.global_step += 1
-                step = self.global_step
-                for action in actions:
-                    if step % action.every == 0:
-                        self._step(action, hooks)
-        finally:
-            hooks.fire("on_run_end", program=self.program, history=self.history)
+        self.stopped = None
+        with self.interrupt:
+            hooks.fire("on_run_start", program=self.program, steps=steps)
+            try:
+                if self.partial is not None:  # finish the program step a failure cut short
+                    self._program_step(*self.partial, hooks)
+                for _ in range(steps):
+                    if self.stopped is not None:
+                        break
+                    self.global_step += 1
+                    self._program_step(self.global_step, 0, hooks)
+            finally:
+                hooks.fire("on_run_end", program=self.program, history=self.history)
         return self.history
 
-    def _step(self, action: Action, hooks: HookSet) -> None:
+    def _program_step(self, step: int, start: int, hooks: HookSet) -> None:
+        actions = self.schedule.actions
+        for index in range(start, len(actions)):
+            action = actions[index]
+            if step % action.every == 0 and step > self.nodes[action.level].warmup:
+                self.partial = (step, index)
+                self._step(action, index, hooks)
+                self.interrupt.check()
+        self.partial = (step, len(actions))
+        if self.validator is not None and step % self.validator.every == 0:
+            self._validate(step, hooks)
+        self.partial = None
+        if self.checkpoint_every is not None and step % self.checkpoint_every == 0:
+            path = checkpoint.write(checkpoint.capture(self),
+                                    checkpoint.periodic_path(self.checkpoint_dir, step))
+            checkpoint.prune(self.checkpoint_dir, self.keep_checkpoints)
+            hooks.fire("on_checkpoint", program=self.program, step=step, path=path)
+        self.interrupt.check()
+
+    def _step(self, action: Action, index: int, hooks: HookSet) -> None:
         name = action.level
-        batch = self.streams[name].next()
-        self.batches[name] = batch
-        record = self.update(name, batch, hooks)
+        node = self.nodes[name]
+        stream = self.streams[name]
+        micro = tuple(stream.next() for _ in range(node.accumulate))
+        self.batches[name] = micro
+        self.committed = False
+        try:
+            record = self.update(name, micro, hooks)
+        except BaseException:
+            if not self.committed:  # nothing applied: the batches are used again next time
+                stream.push_back(*micro)
+            raise
         self.level_steps[name] += 1
+        self.partial = (self.partial[0], index + 1)  # committed: a retry moves on
+        if node.scheduler is not None and not record.get("skipped"):
+            _step_scheduler(node.scheduler, record["loss"])
         record["step"] = self.level_steps[name]
-        record["global_step"] = self.global_step
+        record["global_step"] = self.partial[0]
         self.history.append(name, record)
         hooks.fire("on_step_end", program=self.program, level=name,
                    step=self.level_steps[name], metrics=record)
 
-    def update(self, name: str, batch: Any, hooks: HookSet | None = None,
-               schedulers: bool = True) -> dict[str, Any]:
-        """One optimizer step of ``name`` on ``batch`` (hypergradient for upper levels).
-
-        Counters, data and history are left to the caller. Returns the step's record.
+    def update(self, name: str, micro: tuple[Any, ...], hooks: HookSet | None = None
+               ) -> dict[str, Any]:
+        """One optimizer step of ``name`` on its micro-batches ``micro`` (the hypergradient for
+        upper levels), gradients averaged over them. Sets ``committed`` once the optimizer
+        stepped; counters, data and history are left to the caller. Returns the step's record.
         """
         node = self.nodes[name]
-        loss, record = self._evaluate(node, batch)
+        scaler = self.precision[name].scaler
+        count = len(micro)
+        records = []
         if self.view.below[name]:
-            grads, diagnostics = self._hypergrad(node, loss)
-            for p, g in zip(node.params, grads):
+            total: list[torch.Tensor] | None = None
+            for batch in micro:
+                loss, record = self._evaluate(node, batch)
+                if scaler is None and not self._finite(loss, name, "loss"):
+                    return self._skip(record)
+                scale = 1.0
+                if scaler is not None:  # scaled hypergradients; the scaler unscales them
+                    loss, scale = scaler.scale(loss), scaler.get_scale()
+                grads, diagnostics = self._hypergrad(node, loss)
+                norm = diagnostics.pop("hypergrad_norm")
+                if scaler is None and not self._finite(norm, name, "hypergradient"):
+                    return self._skip(record)
+                record["hypergrad_norm"] = norm / scale
+                record.update(diagnostics)
+                records.append(record)
+                if count == 1:
+                    total = grads
+                elif total is None:
+                    total = [g / count for g in grads]
+                else:
+                    for t, g in zip(total, grads):
+                        t.add_(g, alpha=1.0 / count)
+            for p, g in zip(node.params, total):
                 p.grad = g
-            record.update(diagnostics)
             if hooks is not None:
                 hooks.fire("on_hypergrad", program=self.program, level=name,
-                           step=self.level_steps[name] + 1, grads=grads,
-                           diagnostics=diagnostics)
+                           step=self.level_steps[name] + 1, grads=total,
+                           diagnostics=records[-1])
         else:
             node.optimizer.zero_grad(set_to_none=True)
-            loss.backward(inputs=node.params)
+            for batch in micro:
+                loss, record = self._evaluate(node, batch)
+                if scaler is None and not self._finite(loss, name, "loss"):
+                    node.optimizer.zero_grad(set_to_none=True)
+                    return self._skip(record)
+                if count > 1:
+                    loss = loss / count
+                (loss if scaler is None else scaler.scale(loss)).backward(inputs=node.params)
+                records.append(record)
         if node.clip_grad_norm is not None:
+            if scaler is not None:
+                scaler.unscale_(node.optimizer)
             torch.nn.utils.clip_grad_norm_(node.params, node.clip_grad_norm)
-        node.optimizer.step()
-        if schedulers and node.scheduler is not None:
-            _step_scheduler(node.scheduler, loss)
+        if scaler is None:
+            node.optimizer.step()
+        else:
+            scaler.step(node.optimizer)
+            scaler.update()
+        self.committed = True
+        return mean_record(records)
+
+    def _finite(self, value: torch.Tensor, name: str, what: str) -> bool:
+        number = value.item()
+        if math.isfinite(number):
+            return True
+        if self.on_nonfinite == "skip":
+            return False
+        node = self.nodes[name]
+        raise NonFiniteError(_NON_FINITE.format(
+            name=name, where=node.defined_at, what=what, value=number,
+            step=self.level_steps[name] + 1, global_step=self.global_step))
+
+    def _skip(self, record: dict[str, Any]) -> dict[str, Any]:
+        """A non-finite step skipped by option: counted, nothing applied."""
+        self.committed = True
+        record["skipped"] = 1
         return record
+
+    def _validate(self, step: int, hooks: HookSet) -> None:
+        metrics = self.validator(self.program, step)
+        self.history.validation.append({"global_step": step, **metrics})
+        hooks.fire("on_validation", program=self.program, step=step, metrics=metrics)
+        if self.early_stopper is not None:
+            self.stopped = self.early_stopper.update(metrics)
 
     # -- evaluating levels -------------------------------------------------------------------
 
@@ -155,13 +262,17 @@ class Interpreter:
         for param, reserved in self.reserved[name]:
             kwargs[param] = self._reserved(name, reserved)
         try:
-            out = node.fn(**kwargs)
-            return _split_loss(node, out)
+            if node.precision == "fp32":
+                out = node.fn(**kwargs)
+            else:
+                with self.precision[name].autocast():
+                    out = node.fn(**kwargs)
+            return split_loss(node, out)
         except Exception as error:
             when = (f"after its step {self.level_steps[name]}" if context
                     else f"at its step {self.level_steps[name] + 1}")
-            _add_note(error, f"mlodsl: while running level '{name}' ({node.defined_at}){context} "
-                             f"{when} (program step {self.global_step})")
+            add_note(error, f"mlodsl: while running level '{name}' ({node.defined_at}){context} "
+                            f"{when} (program step {self.global_step})")
             raise
 
     def _reserved(self, level: str, reserved: str) -> int:
@@ -171,19 +282,27 @@ class Interpreter:
             return self.streams[level].epoch
         return self.global_step
 
-    def _current_batch(self, name: str) -> Any:
+    def current_batches(self, name: str) -> tuple[Any, ...]:
+        """The micro-batches of ``name``'s latest step (fetching some if it has not stepped)."""
         if name not in self.batches:
-            self.batches[name] = self.streams[name].next()
+            stream = self.streams[name]
+            self.batches[name] = tuple(stream.next() for _ in range(self.nodes[name].accumulate))
         return self.batches[name]
 
+    def loss_of(self, name: str, context: str = "") -> torch.Tensor:
+        """``name``'s loss on its current micro-batches (their mean)."""
+        node = self.nodes[name]
+        micro = self.current_batches(name)
+        if len(micro) == 1:
+            return self._evaluate(node, micro[0], context)[0]
+        return sum(self._evaluate(node, b, context)[0] for b in micro) / len(micro)
+
     def _lower_loss_fn(self, lower: str, upper: str) -> Any:
-        node = self.nodes[lower]
         context = f" for the hypergradient of '{upper}'"
+        return lambda: self.loss_of(lower, context)
 
-        def lower_loss() -> torch.Tensor:
-            return self._evaluate(node, self._current_batch(lower), context)[0]
-
-        return lower_loss
+    def _loss_for_hypergrad(self, name: str) -> torch.Tensor:
+        return self.loss_of(name, " for a hypergradient")
 
     def _hypergrad(self, node: LevelNode, loss: torch.Tensor,
                    methods: Mapping[str, Any] | None = None
@@ -191,10 +310,6 @@ class Interpreter:
         return total_hypergrad(loss, node.name, self.view, self.lowers,
                                self.methods if methods is None else methods, self._edge,
                                self.where)
-
-    def _loss_for_hypergrad(self, name: str) -> torch.Tensor:
-        return self._evaluate(self.nodes[name], self._current_batch(name),
-                              " for a hypergradient")[0]
 
     def _edge(self, upper: str, lower: str) -> EdgeProblem:
         return self.edges[(upper, lower)]
@@ -206,7 +321,7 @@ class Interpreter:
         ``methods`` overrides the levels' hypergradient methods for this call.
         """
         node = self.nodes[name]
-        loss, _ = self._evaluate(node, self._current_batch(name))
+        loss = self.loss_of(name)
         if self.view.below[name]:
             grads, _ = self._hypergrad(node, loss, methods)
         else:
@@ -215,32 +330,20 @@ class Interpreter:
         return tuple(g.detach() for g in grads)
 
 
-def _split_loss(node: LevelNode, out: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-    if type(out) is torch.Tensor and out.ndim == 0 and out.requires_grad:  # the common case
-        return out, {"loss": out.detach()}
-    if isinstance(out, Mapping):
-        if "loss" not in out:
-            raise LossError(_NOT_A_LOSS.format(
-                name=node.name, where=node.defined_at,
-                what=f"a dict without a 'loss' entry (keys: {', '.join(map(str, out))})"))
-        loss = out["loss"]
-        record = {k: v.detach() if isinstance(v, torch.Tensor) else v
-                  for k, v in out.items() if k != "loss"}
-    else:
-        loss, record = out, {}
-    if not isinstance(loss, torch.Tensor):
-        raise LossError(_NOT_A_LOSS.format(name=node.name, where=node.defined_at,
-                                           what=f"a {type(loss).__name__} ({loss!r:.40})"))
-    if loss.ndim != 0:
-        raise LossError(_NOT_SCALAR.format(name=node.name, where=node.defined_at,
-                                           shape=tuple(loss.shape)))
-    if not loss.requires_grad:
-        raise LossError(_NO_GRAD.format(name=node.name, where=node.defined_at))
-    record["loss"] = loss.detach()
-    return loss, record
+def _validation_params(fn: Any, nodes: Mapping[str, LevelNode]) -> tuple[str, ...]:
+    from mlodsl.validation import check_validation
+
+    return check_validation(fn, 1, list(nodes))
 
 
-def _step_scheduler(scheduler: Any, loss: torch.Tensor) -> None:
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed(seed % 2**32)
+
+
+def _step_scheduler(scheduler: Any, loss: Any) -> None:
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         scheduler.step(float(loss))
     else:

@@ -17,6 +17,8 @@ from mlodsl import errors
 from mlodsl.dsl import Level, LevelSpec, where_defined
 from mlodsl.hypergrad import DEFAULT, resolve_method
 from mlodsl.ir import BATCH, RESERVED, Argument, Edge, Graph, LevelNode, Read
+from mlodsl.log import loggers
+from mlodsl.validation import EarlyStopping, check_validation
 
 _UNKNOWN_UPPER_OF = (
     "level '{name}' ({where}) is upper_of '{target}', but no level with that name was traced."
@@ -51,18 +53,21 @@ _TENSOR_DATA = (
     "over batches pass a DataLoader or a list of batches."
 )
 
-PENDING_OPTIONS = ("logger", "validation", "validate_every", "early_stopping",
-                   "checkpoint_dir", "checkpoint_every", "distributed")
-OPTIONS = ("device", "seed", "hooks", "progress", *PENDING_OPTIONS)
+PENDING_OPTIONS = ("distributed",)
+OPTIONS = ("device", "seed", "hooks", "progress", "logger", "validation", "validate_every",
+           "early_stopping", "checkpoint_dir", "checkpoint_every", "keep_checkpoints",
+           "on_nonfinite", *PENDING_OPTIONS)
 
 
 def trace(levels: Sequence[Any], options: Mapping[str, Any]) -> Graph:
     """Resolve, validate and freeze ``levels`` into a :class:`Graph`."""
     specs = [_check_is_level(level, i) for i, level in enumerate(levels)]
     _check_options(options)
+    loggers(options.get("logger"))  # a bad or uninstalled logger fails here
     _check_unique_names(specs)
     by_name = {spec.name: spec for spec in specs}
     functions = {spec.name: level for spec, level in zip(specs, levels)}
+    _check_run_options(options, by_name)
     _check_upper_of(specs, by_name)
     lowers = {spec.name: spec.upper_of for spec in specs}
     uppers = {spec.name: tuple(s.name for s in specs if spec.name in s.upper_of)
@@ -88,7 +93,9 @@ def trace(levels: Sequence[Any], options: Mapping[str, Any]) -> Graph:
             scheduler=_scheduler(spec, optimizers[name]), data=spec.data,
             inner_steps=spec.inner_steps, method=method, uppers=uppers[name],
             lowers=lowers[name], arguments=_arguments(functions[name], spec, by_name),
-            clip_grad_norm=spec.clip_grad_norm,
+            log_every=spec.log_every,
+            clip_grad_norm=spec.clip_grad_norm, accumulate=spec.accumulate,
+            precision=spec.precision, warmup=spec.warmup,
         ))
     edges = tuple(Edge(upper=n.name, lower=lower, method=n.method.name)
                   for n in reversed(nodes) for lower in n.lowers if n.method is not None)
@@ -121,6 +128,30 @@ def _check_options(options: Mapping[str, Any]) -> None:
                 f"ml.program option {key}={value!r} is not implemented in this version of "
                 "mlodsl; remove it until it lands."
             )
+
+
+def _check_run_options(options: Mapping[str, Any], by_name: Mapping[str, LevelSpec]) -> None:
+    if options.get("validation") is not None:
+        check_validation(options["validation"], options.get("validate_every"), list(by_name))
+    elif options.get("validate_every") is not None or options.get("early_stopping") is not None:
+        raise errors.TraceError("validate_every and early_stopping need a validation callback: "
+                                "pass validation=<function returning a dict of metrics>")
+    stopping = options.get("early_stopping")
+    if stopping is not None and not isinstance(stopping, EarlyStopping):
+        raise errors.TraceError(f"early_stopping must be an ml.EarlyStopping(...), got "
+                                f"{type(stopping).__name__}")
+    every = options.get("checkpoint_every")
+    if (every is None) != (options.get("checkpoint_dir") is None):
+        raise errors.TraceError("periodic checkpoints need both checkpoint_dir and "
+                                "checkpoint_every (program steps)")
+    for key in ("checkpoint_every", "keep_checkpoints"):
+        value = options.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise errors.TraceError(f"{key} must be a positive integer, got {value!r}")
+    if options.get("on_nonfinite", "raise") not in ("raise", "skip"):
+        raise errors.TraceError(f"on_nonfinite must be 'raise' or 'skip', got "
+                                f"{options['on_nonfinite']!r}")
 
 
 def _check_unique_names(specs: Sequence[LevelSpec]) -> None:

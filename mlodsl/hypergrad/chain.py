@@ -13,13 +13,12 @@ level's loss with that level's own lowers held fixed.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from mlodsl.errors import HypergradError, NoDependencyError
+from mlodsl.errors import NoDependencyError
 from mlodsl.hypergrad import kernels
 from mlodsl.hypergrad.base import EdgeProblem, GraphView, HypergradMethod
 
@@ -28,11 +27,6 @@ _UPPER_IGNORES_LOWER = (
     "'{lower}' or on any level below it, so its hypergradient through '{lower}' is zero. "
     "Read the lower level in the loss (call {lower}(x) for an nn.Module level, or use "
     "{lower}.module), or remove it from upper_of."
-)
-_NOT_FINITE = (
-    "the hypergradient of level '{level}' ({where}) is not finite; nothing was applied. Solver "
-    "figures: {figures}. A non-convex lower level often causes this: damp it with "
-    "grad=ml.hypergrad.cg(mu=...) or use grad='finite_diff'."
 )
 _LOWER_IGNORES_UPPER = (
     "level '{lower}' ({where}) is below '{upper}', but its loss does not read the parameters "
@@ -114,10 +108,6 @@ def total_hypergrad(
     if total is None:
         total = torch.zeros_like(kernels.flat(params[top]))
     norm = torch.linalg.vector_norm(total)
-    if not math.isfinite(norm.item()):
-        raise HypergradError(_NOT_FINITE.format(level=top, where=where[top], figures=", ".join(
-            f"{k}={float(x):.3g}" for k, x in diagnostics.items()
-            if isinstance(x, (int, float, torch.Tensor)))))
     diagnostics["hypergrad_norm"] = norm
     return kernels.unflat(total, params[top]), diagnostics
 

@@ -1,4 +1,5 @@
-"""Bad: accumulate=4, a training option this version does not implement yet."""
+"""Bad: init_from="meta", an option this version does not implement yet (MAML arrives with
+grad='unroll')."""
 
 import torch
 
@@ -8,7 +9,7 @@ import mlodsl as ml
 def build():
     w = torch.nn.Parameter(torch.zeros(3))
 
-    @ml.level(module=w, optimizer=torch.optim.SGD([w], lr=0.1), accumulate=4)
+    @ml.level(module=w, optimizer=torch.optim.SGD([w], lr=0.1), init_from="meta")
     def regressor():
         return (w - 1).pow(2).sum()
 
