@@ -177,15 +177,17 @@ class Interpreter:
             total: list[torch.Tensor] | None = None
             for batch in micro:
                 loss, record = self._evaluate(node, batch)
-                if scaler is None and not self._finite(loss, name, "loss"):
-                    return self._skip(record)
                 scale = 1.0
                 if scaler is not None:  # scaled hypergradients; the scaler unscales them
                     loss, scale = scaler.scale(loss), scaler.get_scale()
                 grads, diagnostics = self._hypergrad(node, loss)
                 norm = diagnostics.pop("hypergrad_norm")
-                if scaler is None and not self._finite(norm, name, "hypergradient"):
-                    return self._skip(record)
+                # One check (one device sync) covers the loss and the hypergradient (inf * 0
+                # is NaN); each is looked at alone only to name the culprit.
+                if scaler is None and not math.isfinite((norm + loss.detach() * 0).item()):
+                    if not self._finite(loss, name, "loss") or not self._finite(
+                            norm, name, "hypergradient"):
+                        return self._skip(record)
                 record["hypergrad_norm"] = norm / scale
                 record.update(diagnostics)
                 records.append(record)
