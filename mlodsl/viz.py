@@ -1,37 +1,406 @@
-"""Text rendering of a program's level graph."""
+"""Drawing a program's level graph: graphviz (SVG/PNG), Mermaid, and plain text.
+
+:meth:`Program.visualize` returns a :class:`LevelGraph`, a snapshot of the program taken when
+it was called: one node per level (name, what it trains, its optimizer and data; after a run,
+its step count, last loss and last hypergradient norm) and one edge per ``upper_of`` relation
+(hypergradient method and ``inner_steps``; after a run, the solver's last residual). The
+snapshot renders inline in Jupyter, saves as SVG/PNG/PDF/DOT/Mermaid/text, and falls back to a
+text drawing (the one ``print(program)`` shows) where graphviz is missing.
+"""
 
 from __future__ import annotations
 
+import html
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from mlodsl.errors import MissingDependencyError
 
-class GraphText(str):
-    """A text drawing that shows as itself (not as a quoted string) in a notebook or REPL."""
+DIRECTIONS = ("TB", "LR", "BT", "RL")
+DETAILS = ("full", "compact")
 
-    def __repr__(self) -> str:
-        return str(self)
+_PIP = "pip install 'mlodsl[viz]'"
+_DOT_INSTALL = ("apt-get install graphviz (Debian/Ubuntu), brew install graphviz (macOS) or "
+                "conda install -c conda-forge graphviz")
+_NO_GRAPHVIZ_PACKAGE = (
+    "drawing the level graph needs the graphviz Python package, which is not installed. "
+    f"Install it with: {_PIP} (it also needs Graphviz's 'dot' program: {_DOT_INSTALL}). "
+    "Until then print(graph) shows the text drawing, and graph.source / graph.mermaid() give "
+    "the DOT and Mermaid text."
+)
+_NO_DOT = (
+    "drawing the level graph needs Graphviz's 'dot' program, which is not on the PATH. "
+    f"Install it with: {_DOT_INSTALL}. Until then print(graph) shows the text drawing, and "
+    "graph.source / graph.mermaid() give the DOT and Mermaid text."
+)
+# Solver figures shown on an edge, in this order, when the upper level's last record has them.
+_EDGE_FIGURES = ("residual", "iterations")
+# Formats save() writes from the DOT source with graphviz, and the ones it writes as text.
+_BINARY = ("svg", "png", "pdf")
+_TEXT = {"dot": "source", "gv": "source", "mmd": "mermaid", "txt": "text"}
+_MERMAID_KEYWORDS = {"end", "graph", "subgraph", "flowchart", "style", "class", "classdef",
+                     "click", "linkstyle", "default", "direction"}
 
 
-def render_text(program: Any) -> GraphText:
-    """Each top level with the levels below it indented, edges labelled with their method."""
+@dataclass(frozen=True)
+class NodeView:
+    """One level as drawn.
+
+    Attributes:
+        name: The level's name.
+        module: What it trains (``"Sequential"``, ``"dict{pixels, output}"``, ...).
+        params: Number of trainable scalars.
+        optimizer: The optimizer's class name.
+        data: The data's type name (``"none"`` without data).
+        steps: Steps taken so far; ``None`` before the program first ran.
+        loss: Last loss, if the level has stepped.
+        hypergrad_norm: Norm of the last hypergradient (upper levels that have stepped).
+    """
+
+    name: str
+    module: str
+    params: int
+    optimizer: str
+    data: str
+    steps: int | None = None
+    loss: float | None = None
+    hypergrad_norm: float | None = None
+
+
+@dataclass(frozen=True)
+class EdgeView:
+    """One ``upper_of`` edge as drawn; ``figures`` holds the solver's last residual etc."""
+
+    upper: str
+    lower: str
+    method: str
+    inner_steps: int
+    figures: Mapping[str, float] = field(default_factory=dict)
+
+
+def _module_kind(module: Any) -> str:
+    if isinstance(module, Mapping):
+        return f"dict{{{', '.join(map(str, module))}}}"
+    if isinstance(module, tuple):
+        return f"list[{len(module)}]"
+    return type(module).__name__
+
+
+def _data_kind(data: Any) -> str:
+    return "none" if data is None else type(data).__name__
+
+
+def _number(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if not isinstance(value, bool) else None
+
+
+def _fmt(value: float) -> str:
+    if isinstance(value, float) and math.isfinite(value) and value == int(value) and \
+            abs(value) < 1e6:
+        return str(int(value))
+    return f"{value:.4g}"
+
+
+def snapshot(program: Any) -> tuple[tuple[NodeView, ...], tuple[EdgeView, ...]]:
+    """The program's levels (top-down) and edges, with live figures if it has run.
+
+    Args:
+        program: A :class:`~mlodsl.program.Program`.
+
+    Returns:
+        ``(nodes, edges)``.
+    """
+    # Reading program.steps would create the runtime (seeding, moving modules); only read live
+    # figures once the program has actually been run.
+    ran = getattr(program, "_interpreter", None) is not None
+    steps = program.steps if ran else {}
+    last = {n.name: program.history.last(n.name) for n in program.levels} if ran else {}
+    nodes = []
+    for node in reversed(program.levels):
+        record = last.get(node.name, {})
+        nodes.append(NodeView(
+            name=node.name, module=_module_kind(node.module),
+            params=sum(p.numel() for p in node.params),
+            optimizer=type(node.optimizer).__name__, data=_data_kind(node.data),
+            steps=steps.get(node.name), loss=_number(record.get("loss")),
+            hypergrad_norm=_number(record.get("hypergrad_norm")),
+        ))
+    edges = []
+    for edge in program.edges:
+        record = last.get(edge.upper, {})
+        figures: dict[str, float] = {}
+        for key, value in record.items():
+            # "upper->lower/figure", or "upper->a,b/figure" for a joint solve over lowers a, b.
+            head, _, figure = str(key).rpartition("/")
+            upper, _, lowers = head.partition("->")
+            if upper == edge.upper and edge.lower in lowers.split(",") and \
+                    figure in _EDGE_FIGURES and _number(value) is not None:
+                figures[figure] = _number(value)
+        ordered = {k: figures[k] for k in _EDGE_FIGURES if k in figures}
+        edges.append(EdgeView(upper=edge.upper, lower=edge.lower, method=edge.method,
+                              inner_steps=program.level(edge.upper).inner_steps,
+                              figures=ordered))
+    return tuple(nodes), tuple(edges)
+
+
+# -- the pieces of each label, shared by every rendering ---------------------------------------
+
+def _about(node: NodeView) -> list[str]:
+    return [f"{node.module} ({node.params:,} params)", f"{node.optimizer}, data={node.data}"]
+
+
+def _live(node: NodeView, detail: str) -> list[str]:
+    if node.steps is None:
+        return []
+    parts = [f"{node.steps} steps"]
+    if node.loss is not None:
+        parts.append(f"loss {node.loss:.4g}")
+    if detail == "full" and node.hypergrad_norm is not None:
+        parts.append(f"|hypergrad| {node.hypergrad_norm:.3g}")
+    return parts
+
+
+def _edge_label(edge: EdgeView, detail: str) -> list[str]:
+    lines = [f"{edge.method}, inner_steps={edge.inner_steps}"]
+    if detail == "full" and edge.figures:
+        lines.append(", ".join(f"{k} {_fmt(v)}" for k, v in edge.figures.items()))
+    return lines
+
+
+# -- renderings ---------------------------------------------------------------------------------
+
+def text_drawing(nodes: Sequence[NodeView], edges: Sequence[EdgeView], detail: str) -> str:
+    """Each top level with the levels below it indented, edges labelled with their method.
+
+    A level below several uppers is drawn in full under the first and named again under the
+    others.
+    """
+    by_name = {n.name: n for n in nodes}
+    lowers: dict[str, list[EdgeView]] = {n.name: [] for n in nodes}
+    for edge in edges:
+        lowers[edge.upper].append(edge)
+    has_upper = {e.lower for e in edges}
     lines: list[str] = []
-    steps = program.steps if program._interpreter is not None else None
+    drawn: set[str] = set()
 
     def label(name: str) -> str:
+        node = by_name[name]
         text = name
-        if steps is not None:
-            last = program.history.last(name)
-            text += f" [{steps[name]} steps"
-            text += f", loss {last['loss']:.4g}]" if last else "]"
+        live = _live(node, detail)
+        if live:
+            text += f" [{', '.join(live)}]"
+        if detail == "full":
+            text += "  " + ", ".join(_about(node))
         return text
 
     def walk(name: str, depth: int, via: str) -> None:
+        if name in drawn:
+            lines.append("  " * depth + via + f"{name} (drawn above)")
+            return
+        drawn.add(name)
         lines.append("  " * depth + via + label(name))
-        node = program.level(name)
-        for lower in node.lowers:
-            walk(lower, depth + 1, f"--{node.method.name}, inner_steps={node.inner_steps}--> ")
+        for edge in lowers[name]:
+            walk(edge.lower, depth + 1, f"--{'; '.join(_edge_label(edge, detail))}--> ")
 
-    for node in reversed(program.levels):
-        if not node.uppers:
+    for node in nodes:
+        if node.name not in has_upper:
             walk(node.name, 0, "")
-    return GraphText("\n".join(lines))
+    return "\n".join(lines)
+
+
+def _html(text: str) -> str:
+    return html.escape(text, quote=True)
+
+
+def dot_source(nodes: Sequence[NodeView], edges: Sequence[EdgeView], direction: str,
+               detail: str) -> str:
+    """The graph in Graphviz's DOT language (HTML-like labels)."""
+    lines = [
+        "digraph mlodsl {",
+        f"  graph [rankdir={direction}, bgcolor=white, pad=0.2, nodesep=0.5, ranksep=0.6];",
+        '  node [shape=box, style="rounded,filled", fillcolor="#eef4fb", color="#4a6fa5", '
+        'fontname="Helvetica", fontsize=11, margin="0.2,0.1"];',
+        '  edge [color="#4a6fa5", fontname="Helvetica", fontsize=10];',
+    ]
+    for node in nodes:
+        rows = [f"<b>{_html(node.name)}</b>"]
+        if detail == "full":
+            rows += [_html(line) for line in _about(node)]
+        live = _live(node, detail)
+        if live:
+            rows.append(f'<font color="#1f5fa8">{_html(", ".join(live))}</font>')
+        lines.append(f'  "{node.name}" [label=<{"<br/>".join(rows)}>];')
+    for edge in edges:
+        label = "<br/>".join(_html(line) for line in _edge_label(edge, detail))
+        lines.append(f'  "{edge.upper}" -> "{edge.lower}" [label=<{label}>];')
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _mermaid_id(name: str) -> str:
+    return f"{name}_" if name.lower() in _MERMAID_KEYWORDS else name
+
+
+def _mermaid_text(text: str) -> str:
+    return html.escape(text, quote=False).replace('"', "#quot;")
+
+
+def mermaid_source(nodes: Sequence[NodeView], edges: Sequence[EdgeView], direction: str,
+                   detail: str) -> str:
+    """The graph as a Mermaid flowchart (paste into Markdown inside a ```mermaid block)."""
+    lines = [f"flowchart {direction}"]
+    for node in nodes:
+        rows = [f"<b>{_mermaid_text(node.name)}</b>"]
+        if detail == "full":
+            rows += [_mermaid_text(line) for line in _about(node)]
+        live = _live(node, detail)
+        if live:
+            rows.append(_mermaid_text(", ".join(live)))
+        lines.append(f'    {_mermaid_id(node.name)}["{"<br/>".join(rows)}"]')
+    for edge in edges:
+        label = "<br/>".join(_mermaid_text(line) for line in _edge_label(edge, detail))
+        lines.append(f'    {_mermaid_id(edge.upper)} -->|"{label}"| {_mermaid_id(edge.lower)}')
+    return "\n".join(lines) + "\n"
+
+
+def render(source: str, fmt: str) -> bytes:
+    """Lay out DOT ``source`` with Graphviz's ``dot`` and return the ``fmt`` output.
+
+    Raises:
+        MissingDependencyError: the graphviz package or the ``dot`` program is missing; the
+            message says how to install it.
+    """
+    try:
+        import graphviz
+    except ImportError as error:
+        raise MissingDependencyError(_NO_GRAPHVIZ_PACKAGE) from error
+    try:
+        return graphviz.Source(source).pipe(format=fmt)
+    except graphviz.ExecutableNotFound as error:
+        raise MissingDependencyError(_NO_DOT) from error
+
+
+class LevelGraph:
+    """A drawing of a program's level graph, as it was when :meth:`Program.visualize` ran.
+
+    Renders inline in Jupyter (SVG laid out by Graphviz, or the text drawing plus install
+    instructions where Graphviz is missing); ``print(graph)`` shows the text drawing.
+
+    Attributes:
+        nodes: The levels, top-down.
+        edges: The ``upper_of`` edges.
+        direction: Graphviz/Mermaid layout direction: ``"TB"`` (top level on top), ``"LR"``,
+            ``"BT"`` or ``"RL"``.
+        detail: ``"full"`` (modules, optimizers, data, hypergradient norms, solver residuals)
+            or ``"compact"`` (names, methods, step counts and losses).
+
+    Example:
+        >>> graph = program.visualize(direction="LR")
+        >>> graph.save("program.svg")
+        >>> print(graph.mermaid())
+    """
+
+    def __init__(self, program: Any, *, direction: str = "TB", detail: str = "full") -> None:
+        if direction not in DIRECTIONS:
+            raise ValueError(f"visualize(direction={direction!r}): use one of "
+                             f"{', '.join(map(repr, DIRECTIONS))}")
+        if detail not in DETAILS:
+            raise ValueError(f"visualize(detail={detail!r}): use one of "
+                             f"{', '.join(map(repr, DETAILS))}")
+        self.nodes, self.edges = snapshot(program)
+        self.direction = direction
+        self.detail = detail
+        self._rendered: dict[str, bytes] = {}
+
+    @property
+    def text(self) -> str:
+        """The plain-text drawing (what ``print(graph)`` shows)."""
+        return text_drawing(self.nodes, self.edges, self.detail)
+
+    @property
+    def source(self) -> str:
+        """The DOT source Graphviz lays out."""
+        return dot_source(self.nodes, self.edges, self.direction, self.detail)
+
+    def mermaid(self) -> str:
+        """The graph as Mermaid flowchart text, for Markdown docs (```mermaid blocks)."""
+        return mermaid_source(self.nodes, self.edges, self.direction, self.detail)
+
+    def pipe(self, fmt: str = "svg") -> bytes:
+        """The drawing laid out by Graphviz in ``fmt`` (``"svg"``, ``"png"``, ``"pdf"``, ...).
+
+        Raises:
+            MissingDependencyError: graphviz (the package or ``dot``) is missing.
+        """
+        if fmt not in self._rendered:
+            self._rendered[fmt] = render(self.source, fmt)
+        return self._rendered[fmt]
+
+    def svg(self) -> str:
+        """The drawing as SVG text.
+
+        Raises:
+            MissingDependencyError: graphviz (the package or ``dot``) is missing.
+        """
+        return self.pipe("svg").decode("utf-8")
+
+    def save(self, path: str | Path, format: str | None = None) -> Path:
+        """Write the drawing to ``path``.
+
+        Args:
+            path: Where to write.
+            format: ``"svg"``, ``"png"``, ``"pdf"`` (laid out by Graphviz), ``"dot"``/``"gv"``
+                (DOT source), ``"mmd"`` (Mermaid) or ``"txt"`` (text drawing). Defaults to the
+                path's suffix.
+
+        Returns:
+            The path written.
+
+        Raises:
+            ValueError: the format is unknown.
+            MissingDependencyError: an SVG/PNG/PDF was asked for and graphviz is missing.
+        """
+        path = Path(path)
+        fmt = (format or path.suffix.lstrip(".")).lower()
+        if fmt in _TEXT:
+            content = getattr(self, _TEXT[fmt])
+            content = content() if callable(content) else content
+            path.write_text(content if content.endswith("\n") else content + "\n")
+        elif fmt in _BINARY:
+            path.write_bytes(self.pipe(fmt))
+        else:
+            known = ", ".join([*_BINARY, *_TEXT])
+            raise ValueError(f"cannot save the level graph as {fmt!r} ({path}); use one of "
+                             f"{known}, by suffix or format=...")
+        return path
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        try:
+            return {"image/svg+xml": self.svg(), "text/plain": self.text}
+        except MissingDependencyError as error:
+            return {"text/plain": f"{self.text}\n\n({error})"}
+
+    def _repr_svg_(self) -> str | None:
+        try:
+            return self.svg()
+        except MissingDependencyError:
+            return None
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def render_text(program: Any, detail: str = "compact") -> str:
+    """The text drawing of ``program``'s level graph (used by ``print(program)``)."""
+    nodes, edges = snapshot(program)
+    return text_drawing(nodes, edges, detail)
