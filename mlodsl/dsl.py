@@ -155,7 +155,9 @@ def level(
         data: A DataLoader or any re-iterable (cycled forever, epochs counted), a callable that
             returns a batch, or ``None``.
         inner_steps: Steps each level below takes between two updates of this level.
-        init_from: Upper level whose parameters this level restarts from (MAML-style).
+        init_from: Upper level whose parameters this level restarts from at each of that
+            level's steps (MAML): the upper level must be directly above this one, unroll it
+            (``grad="unroll"``) and have parameters of the same shapes.
         accumulate: Micro-batches per optimizer step: each step of this level takes this many
             batches and averages their gradients (hypergradients for an upper level).
         clip_grad_norm: Clip this level's gradient to this total norm before each step.
@@ -247,11 +249,11 @@ def _make_spec(fn: Callable[..., Any], **a: Any) -> LevelSpec:
                 _NOT_YET.format(name=name, where=where, option=option, value=a[option],
                                 default=default)
             )
-    if a["init_from"] is not None:
-        raise NotImplementedError(
-            _NOT_YET.format(name=name, where=where, option="init_from", value=a["init_from"],
-                            default=None)
-        )
+    init_from = a["init_from"]
+    if isinstance(init_from, Level):
+        init_from = init_from.level_name
+    if init_from is not None and not isinstance(init_from, str):
+        raise bad(f"init_from must be a level name, got {init_from!r}")
 
     try:
         method = None if a["grad"] is None else resolve_method(a["grad"])
@@ -261,7 +263,7 @@ def _make_spec(fn: Callable[..., Any], **a: Any) -> LevelSpec:
     return LevelSpec(
         name=name, defined_at=where, upper_of=upper_of, grad=method, module=a["module"],
         optimizer=a["optimizer"], scheduler=a["scheduler"], data=a["data"],
-        inner_steps=inner_steps, init_from=None, accumulate=a["accumulate"],
+        inner_steps=inner_steps, init_from=init_from, accumulate=a["accumulate"],
         clip_grad_norm=None if clip is None else float(clip), precision=a["precision"],
         warmup=a["warmup"], log_every=a["log_every"],
     )

@@ -49,6 +49,7 @@ class LevelNode:
     accumulate: int = 1
     precision: str = "fp32"
     warmup: int = 0
+    init_from: str | None = None
 
     @property
     def reads(self) -> tuple[str, ...]:

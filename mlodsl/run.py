@@ -8,10 +8,11 @@ inside the same program step.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ from mlodsl.interrupts import DeferredInterrupt
 from mlodsl.ir import Graph, LevelNode
 from mlodsl.levelcall import add_note, mean_record, split_loss
 from mlodsl.precision import Precision
+from mlodsl.unrolled import Unroller
 from mlodsl.validation import EarlyStopper, Validator
 
 _NON_FINITE = (
@@ -81,6 +83,13 @@ class Interpreter:
             lower_params=self.params[e.lower], lower_loss=self._lower_loss_fn(e.lower, e.upper),
             lower_optimizer=self.nodes[e.lower].optimizer, lower_module=self.nodes[e.lower].module)
             for e in graph.edges}
+        self.unroller = (Unroller(self.nodes, self.methods)
+                         if any(getattr(m, "unrolls", False) for m in self.methods.values())
+                         else None)
+        if self.unroller is not None:
+            for (upper, lower), edge in self.edges.items():
+                if self.unroller.upper_of.get(lower) == upper:
+                    edge.trajectory = lambda lower=lower: self.unroller.end.get(lower)
         self.view = GraphView(params=self.params,
                               below={a.level: a.below for a in self.schedule.actions},
                               loss=self._loss_for_hypergrad)
@@ -170,17 +179,20 @@ class Interpreter:
         stepped; counters, data and history are left to the caller. Returns the step's record.
         """
         node = self.nodes[name]
+        if self.unroller is not None and name in self.unroller.upper_of:
+            return self._unrolled_update(name, micro)
         scaler = self.precision[name].scaler
         count = len(micro)
         records = []
         if self.view.below[name]:
             total: list[torch.Tensor] | None = None
             for batch in micro:
-                loss, record = self._evaluate(node, batch)
-                scale = 1.0
-                if scaler is not None:  # scaled hypergradients; the scaler unscales them
-                    loss, scale = scaler.scale(loss), scaler.get_scale()
-                grads, diagnostics = self._hypergrad(node, loss)
+                with self._leaf_fast_weights(name):
+                    loss, record = self._evaluate(node, batch)
+                    scale = 1.0
+                    if scaler is not None:  # scaled hypergradients; the scaler unscales them
+                        loss, scale = scaler.scale(loss), scaler.get_scale()
+                    grads, diagnostics = self._hypergrad(node, loss)
                 norm = diagnostics.pop("hypergrad_norm")
                 # One check (one device sync) covers the loss and the hypergradient (inf * 0
                 # is NaN); each is looked at alone only to name the culprit.
@@ -225,6 +237,36 @@ class Interpreter:
             scaler.step(node.optimizer)
             scaler.update()
         self.committed = True
+        if self.unroller is not None:
+            for lower in self.unroller.unrolled_by(name):
+                self.unroller.finish(lower)  # the next trajectory starts from here
+        return mean_record(records)
+
+    def _unrolled_update(self, name: str, micro: tuple[Any, ...]) -> dict[str, Any]:
+        """A functional, differentiable step of a level its upper unrolls."""
+        node = self.nodes[name]
+        upper = self.unroller.upper_of[name]
+        every = {a.level: a.every for a in self.schedule.actions}
+        records: list[dict[str, Any]] = []
+
+        def loss_of() -> torch.Tensor:
+            # May also run during a backward pass (checkpoint=True recomputes the step, and may
+            # stop part-way): keep the records of a complete evaluation only.
+            losses, fresh = [], []
+            for batch in micro:
+                loss, record = self._evaluate(node, batch)
+                losses.append(loss)
+                fresh.append(record)
+            records[:] = fresh
+            return losses[0] if len(losses) == 1 else sum(losses) / len(losses)
+
+        loss = self.unroller.step(name, loss_of, self.unroller.taken.get(name, 0),
+                                  every[upper] // every[name])
+        if not self._finite(loss, name, "loss"):
+            return self._skip(mean_record(records))
+        self.committed = True
+        if self.global_step <= self.nodes[upper].warmup:
+            self.unroller.finish(name)  # the upper is warming up: nothing to differentiate yet
         return mean_record(records)
 
     def _finite(self, value: torch.Tensor, name: str, what: str) -> bool:
@@ -264,11 +306,13 @@ class Interpreter:
         for param, reserved in self.reserved[name]:
             kwargs[param] = self._reserved(name, reserved)
         try:
+            call = (node.fn if self.unroller is None or not self.unroller.active
+                    else lambda **kw: self.unroller.call(node.fn, kw))
             if node.precision == "fp32":
-                out = node.fn(**kwargs)
+                out = call(**kwargs)
             else:
                 with self.precision[name].autocast():
-                    out = node.fn(**kwargs)
+                    out = call(**kwargs)
             return split_loss(node, out)
         except Exception as error:
             when = (f"after its step {self.level_steps[name]}" if context
@@ -309,9 +353,27 @@ class Interpreter:
     def _hypergrad(self, node: LevelNode, loss: torch.Tensor,
                    methods: Mapping[str, Any] | None = None
                    ) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        """``node``'s hypergradient from its ``loss`` (computed inside
+        :meth:`_leaf_fast_weights` when it unrolls levels below it)."""
         return total_hypergrad(loss, node.name, self.view, self.lowers,
                                self.methods if methods is None else methods, self._edge,
                                self.where)
+
+    @contextlib.contextmanager
+    def _leaf_fast_weights(self, name: str) -> Iterator[None]:
+        """While ``name``'s hypergradient is taken, its unrolled lowers run on leaf copies of
+        their fast weights: the upper loss's partial derivatives are taken w.r.t. those, and
+        the unroll edge carries them back through the trajectory."""
+        lowers = () if self.unroller is None else self.unroller.unrolled_by(name)
+        for lower in lowers:
+            leaves = self.unroller.leaf_copies(lower)
+            self.params[lower] = leaves
+        try:
+            yield
+        finally:
+            for lower in lowers:
+                self.params[lower] = self.nodes[lower].params
+                self.unroller.fast[lower] = self.unroller.end[lower]
 
     def _edge(self, upper: str, lower: str) -> EdgeProblem:
         return self.edges[(upper, lower)]
@@ -323,10 +385,11 @@ class Interpreter:
         ``methods`` overrides the levels' hypergradient methods for this call.
         """
         node = self.nodes[name]
-        loss = self.loss_of(name)
         if self.view.below[name]:
-            grads, _ = self._hypergrad(node, loss, methods)
+            with self._leaf_fast_weights(name):
+                grads, _ = self._hypergrad(node, self.loss_of(name), methods)
         else:
+            loss = self.loss_of(name)
             raw = torch.autograd.grad(loss, node.params, allow_unused=True)
             grads = [torch.zeros_like(p) if g is None else g for g, p in zip(raw, node.params)]
         return tuple(g.detach() for g in grads)

@@ -95,13 +95,55 @@ def trace(levels: Sequence[Any], options: Mapping[str, Any]) -> Graph:
             lowers=lowers[name], arguments=_arguments(functions[name], spec, by_name),
             log_every=spec.log_every,
             clip_grad_norm=spec.clip_grad_norm, accumulate=spec.accumulate,
-            precision=spec.precision, warmup=spec.warmup,
+            precision=spec.precision, warmup=spec.warmup, init_from=spec.init_from,
         ))
+    _check_unrolling(nodes)
     edges = tuple(Edge(upper=n.name, lower=lower, method=n.method.name)
                   for n in reversed(nodes) for lower in n.lowers if n.method is not None)
     reads = tuple(Read(reader=n.name, level=target) for n in nodes for target in n.reads)
     return Graph(levels=tuple(nodes), edges=edges, reads=reads,
                  options=MappingProxyType(dict(options)))
+
+
+def _check_unrolling(nodes: Sequence[LevelNode]) -> None:
+    """grad='unroll' and init_from: what the unrolled interpreter can honour."""
+    by_name = {n.name: n for n in nodes}
+    unrolled_by: dict[str, str] = {}
+    for node in nodes:
+        if not getattr(node.method, "unrolls", False):
+            continue
+        for lower in node.lowers:
+            low = by_name[lower]
+            if low.lowers:
+                raise errors.InvalidLevelError(
+                    f"level '{node.name}' ({node.defined_at}) unrolls '{lower}' "
+                    f"(grad='unroll'), but '{lower}' has levels below it; unrolling reaches only "
+                    "lowest levels. Use an implicit method (grad='cg') on this edge.")
+            if lower in unrolled_by:
+                raise errors.InvalidLevelError(
+                    f"level '{lower}' ({low.defined_at}) is unrolled by both "
+                    f"'{unrolled_by[lower]}' and '{node.name}'; one upper level may unroll it.")
+            unrolled_by[lower] = node.name
+    for node in nodes:
+        source = node.init_from
+        if source is None:
+            continue
+        where = f"level '{node.name}' ({node.defined_at}) has init_from='{source}'"
+        if source not in by_name:
+            raise errors.UnknownLevelError(
+                f"{where}, but no level with that name was traced."
+                f"{errors.did_you_mean(source, by_name)} Traced levels: "
+                f"{errors.listing(by_name)}.")
+        if unrolled_by.get(node.name) != source:
+            raise errors.InvalidLevelError(
+                f"{where}, so '{source}' must be directly above it and unroll it: give "
+                f"'{source}' upper_of='{node.name}' and grad='unroll' (MAML).")
+        shapes = [tuple(p.shape) for p in node.params]
+        theirs = [tuple(p.shape) for p in by_name[source].params]
+        if shapes != theirs:
+            raise errors.InvalidLevelError(
+                f"{where}, but their parameters differ: {shapes} vs {theirs}. Build both "
+                "modules with the same architecture.")
 
 
 def _check_is_level(level: Any, index: int) -> LevelSpec:

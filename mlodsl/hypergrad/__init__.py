@@ -15,6 +15,7 @@ from mlodsl.hypergrad.exact import exact
 from mlodsl.hypergrad.finite_diff import finite_diff
 from mlodsl.hypergrad.neumann import neumann
 from mlodsl.hypergrad.sama import sama
+from mlodsl.hypergrad.unroll import unroll
 
 DEFAULT = "cg"
 
@@ -25,10 +26,7 @@ _FACTORIES: dict[str, Callable[[], HypergradMethod]] = {
     "darts": finite_diff,
     "exact": exact,
     "sama": sama,
-}
-
-_PLANNED = {
-    "unroll": "reverse mode through the lower level's optimizer steps",
+    "unroll": unroll,
 }
 
 
@@ -37,19 +35,13 @@ def resolve_method(grad: str | HypergradMethod) -> HypergradMethod:
 
     Raises:
         UnknownGradMethodError: the name is not a known method.
-        NotImplementedError: the method is planned but not available in this version.
     """
     if isinstance(grad, str):
         if grad in _FACTORIES:
             return _FACTORIES[grad]()
-        if grad in _PLANNED:
-            raise NotImplementedError(
-                f"grad='{grad}' ({_PLANNED[grad]}) is not implemented in this version of "
-                f"mlodsl; available methods: {errors.listing(_FACTORIES)}."
-            )
         raise errors.UnknownGradMethodError(
             f"grad={grad!r} is not a hypergradient method.{errors.did_you_mean(grad, _FACTORIES)}"
-            f" Known methods: {errors.listing([*_FACTORIES, *_PLANNED])}."
+            f" Known methods: {errors.listing(_FACTORIES)}."
         )
     if is_method(grad):
         return grad
@@ -61,5 +53,5 @@ def resolve_method(grad: str | HypergradMethod) -> HypergradMethod:
 
 __all__ = [
     "DEFAULT", "EdgeProblem", "EdgeResult", "GraphView", "HypergradMethod", "cg", "exact", "finite_diff",
-    "neumann", "resolve_method", "sama",
+    "neumann", "resolve_method", "sama", "unroll",
 ]

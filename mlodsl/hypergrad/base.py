@@ -33,6 +33,8 @@ class EdgeProblem:
             current batch, with autograd recording.
         lower_optimizer: The lower level's optimizer (its state preconditions ``sama``).
         lower_module: The lower level's module (forward-mode HVPs swap its parameters).
+        trajectory: For unrolled lower levels, returns the end of the differentiable
+            trajectory of its parameters (``None`` before it has one).
         state: Persists across outer steps for this edge (warm starts, eigenvalue caches).
     """
 
@@ -43,6 +45,7 @@ class EdgeProblem:
     lower_loss: Callable[[], torch.Tensor]
     lower_optimizer: torch.optim.Optimizer | None = None
     lower_module: Any = None
+    trajectory: Callable[[], tuple[torch.Tensor, ...] | None] | None = None
     state: dict[str, Any] = field(default_factory=dict)
 
 

@@ -1,5 +1,4 @@
-"""Bad: init_from="meta", an option this version does not implement yet (MAML arrives with
-grad='unroll')."""
+"""Bad: distributed=True, a program option this version does not implement yet."""
 
 import torch
 
@@ -9,8 +8,8 @@ import mlodsl as ml
 def build():
     w = torch.nn.Parameter(torch.zeros(3))
 
-    @ml.level(module=w, optimizer=torch.optim.SGD([w], lr=0.1), init_from="meta")
+    @ml.level(module=w, optimizer=torch.optim.SGD([w], lr=0.1))
     def regressor():
         return (w - 1).pow(2).sum()
 
-    return ml.program(regressor)
+    return ml.program(regressor, distributed=True)

@@ -1,0 +1,186 @@
+"""Unrolled lower levels: their steps taken functionally, so an upper level can differentiate
+through them.
+
+A level whose upper chose ``grad="unroll"`` trains on *fast weights*: tensors that carry the
+autograd graph of its updates since the upper's previous step. Every level function runs with
+those tensors swapped into the level's module through ``torch.func.functional_call`` on one
+scope module that holds every level's module, so user code that calls its own module (``net(x)``)
+sees them without being changed. Buffers (BatchNorm statistics) are not swapped: they keep
+updating in place on the module and never enter the upper level's gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import checkpoint as recompute
+
+from mlodsl.errors import HypergradError
+from mlodsl.ir import LevelNode
+
+_NEEDS_MODULE = (
+    "level '{lower}' ({where}) is unrolled by '{upper}' (grad='unroll'), which swaps its "
+    "parameters for differentiable copies through torch.func.functional_call; that needs its "
+    "module to be an nn.Module, but it trains a {kind}. Wrap the tensors in an nn.Module (or "
+    "torch.nn.ParameterList), or use an implicit method such as grad='cg'."
+)
+
+
+class _Scope(torch.nn.Module):
+    """Every level's module under one root, so one functional_call swaps any of them."""
+
+    def __init__(self, modules: Mapping[str, torch.nn.Module]) -> None:
+        super().__init__()
+        for name, module in modules.items():
+            self.add_module(name, module)
+
+    def forward(self, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+        return fn(**kwargs)
+
+
+class Unroller:
+    """Fast weights, functional optimizer states and trajectories of the unrolled levels."""
+
+    def __init__(self, nodes: Mapping[str, LevelNode], methods: Mapping[str, Any]) -> None:
+        self.nodes = nodes
+        self.upper_of: dict[str, str] = {}  # unrolled lower -> the upper that unrolls it
+        for upper, method in methods.items():
+            if getattr(method, "unrolls", False):
+                for lower in nodes[upper].lowers:
+                    self.upper_of[lower] = upper
+        for lower, upper in self.upper_of.items():
+            node = self.nodes[lower]
+            if not isinstance(node.module, torch.nn.Module):
+                raise HypergradError(_NEEDS_MODULE.format(
+                    lower=lower, where=node.defined_at, upper=upper,
+                    kind=type(node.module).__name__))
+        self.scope = _Scope({n: node.module for n, node in nodes.items()
+                             if isinstance(node.module, torch.nn.Module)})
+        self.names = {lower: _param_names(self.nodes[lower]) for lower in self.upper_of}
+        self.fast: dict[str, tuple[torch.Tensor, ...]] = {}
+        self.end: dict[str, tuple[torch.Tensor, ...]] = {}
+        self.state: dict[str, list[dict[str, Any]]] = {}
+        self.taken: dict[str, int] = {}
+        self.optimizers: dict[str, Any] = {}
+
+    def unrolled_by(self, upper: str) -> tuple[str, ...]:
+        """The levels ``upper`` unrolls."""
+        return tuple(lower for lower, u in self.upper_of.items() if u == upper)
+
+    def leaf_copies(self, lower: str) -> tuple[torch.Tensor, ...]:
+        """Leaf tensors equal to the trajectory's end, swapped in while the upper's loss is
+        computed (its partial derivatives w.r.t. them go back through the trajectory)."""
+        if lower not in self.end:
+            self.restart(lower)
+        leaves = tuple(t.detach().requires_grad_() for t in self.end[lower])
+        self.fast[lower] = leaves
+        return leaves
+
+    @property
+    def active(self) -> bool:
+        """Whether any level currently runs on fast weights."""
+        return bool(self.fast)
+
+    def call(self, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+        """Run a level function with the current fast weights swapped in."""
+        if not self.fast:
+            return fn(**kwargs)
+        mapping = {f"{level}.{name}": tensor for level, tensors in self.fast.items()
+                   for name, tensor in zip(self.names[level], tensors)}
+        return torch.func.functional_call(self.scope, mapping, (fn, kwargs), strict=False)
+
+    def restart(self, lower: str) -> None:
+        """Begin a new trajectory: from the upper's parameters (``init_from``: MAML) or from
+        where the level is, cut from everything before."""
+        node = self.nodes[lower]
+        if node.init_from is not None:
+            start = tuple(self.nodes[node.init_from].params)
+        else:
+            start = tuple(p.detach().clone().requires_grad_() for p in node.params)
+        self.fast[lower] = self.end[lower] = start
+        self.state.pop(lower, None)  # fresh (init_from) or re-read from the real optimizer
+        self.taken[lower] = 0
+
+    def step(self, lower: str, loss_of: Callable[[], torch.Tensor], position: int,
+             count: int) -> torch.Tensor:
+        """One functional update of ``lower``, the ``position``-th (from 0) of the ``count`` it
+        takes between two updates of its upper level. Returns the step's loss."""
+        node = self.nodes[lower]
+        method = self._method(lower)
+        if lower not in self.fast:
+            self.restart(lower)
+        if lower not in self.optimizers:
+            from mlodsl.functional import functional_optimizer  # only programs that unroll
+
+            self.optimizers[lower] = functional_optimizer(node.optimizer, node.params)
+        optimizer = self.optimizers[lower]
+        if lower not in self.state:
+            # init_from starts each episode afresh; otherwise continue the real optimizer's state
+            source = self.fast[lower] if node.init_from is not None else node.params
+            self.state[lower] = optimizer.init_state(source)
+        window = method.steps is None or count - position <= method.steps
+        differentiable = window and not method.first_order
+        current = self.fast[lower]
+        if not window:  # outside the truncation window: no graph back to these steps
+            current = tuple(t.detach().requires_grad_() for t in current)
+        keys, state = _flatten_state(self.state[lower])
+        out_keys: list[list[str]] = []  # the state's layout after the step (deterministic)
+        n = len(current)
+
+        def update(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            # Pure in its inputs: with checkpoint=True it runs again during the backward pass.
+            tensors, state_in = inputs[:n], _unflatten_state(keys, inputs[n:])
+            previous = self.fast[lower]
+            self.fast[lower] = tensors
+            try:
+                loss = loss_of()
+                grads = torch.autograd.grad(loss, tensors, create_graph=differentiable,
+                                            allow_unused=True)
+            finally:
+                self.fast[lower] = previous
+            grads = [torch.zeros_like(t) if g is None else (g if differentiable else g.detach())
+                     for g, t in zip(grads, tensors)]
+            new, state_out = optimizer.step(list(tensors), grads, state_in)
+            layout, flat_state = _flatten_state(state_out)
+            out_keys[:] = layout
+            return (*new, *flat_state, loss)
+
+        if method.checkpoint and differentiable:
+            outputs = recompute(update, *current, *state, use_reentrant=False)
+        else:
+            outputs = update(*current, *state)
+        new, loss = tuple(outputs[:n]), outputs[-1]
+        self.state[lower] = _unflatten_state(out_keys, outputs[n:-1])
+        self.fast[lower] = self.end[lower] = new
+        self.taken[lower] += 1
+        with torch.no_grad():  # the module's own tensors mirror the fast weights
+            for p, t in zip(node.params, new):
+                p.copy_(t)
+        return loss
+
+    def finish(self, lower: str) -> None:
+        """After the upper level's update: hand the optimizer state back and start over."""
+        node = self.nodes[lower]
+        if node.init_from is None and lower in self.state:
+            self.optimizers[lower].write_back(node.params, self.state[lower])
+        self.restart(lower)
+
+    def _method(self, lower: str) -> Any:
+        return self.nodes[self.upper_of[lower]].method
+
+
+def _flatten_state(state: list[dict[str, Any]]) -> tuple[list[list[str]], list[torch.Tensor]]:
+    keys = [sorted(k for k, v in entry.items() if isinstance(v, torch.Tensor)) for entry in state]
+    return keys, [entry[k] for entry, names in zip(state, keys) for k in names]
+
+
+def _unflatten_state(keys: list[list[str]], tensors: Any) -> list[dict[str, torch.Tensor]]:
+    it = iter(tensors)
+    return [{k: next(it) for k in names} for names in keys]
+
+
+def _param_names(node: LevelNode) -> tuple[str, ...]:
+    by_id = {id(p): name for name, p in node.module.named_parameters()}
+    return tuple(by_id[id(p)] for p in node.params)

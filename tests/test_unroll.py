@@ -1,0 +1,264 @@
+"""Unrolled differentiation: against closed forms and hand-written loops, MAML, truncation,
+checkpointing, learnable optimizer hyperparameters, buffers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mlodsl as ml
+from mlodsl.errors import HypergradError, InvalidLevelError
+from quadratic import DTYPE
+
+
+def problem(seed=0, d=4, k=3):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=DTYPE)
+
+    M = rand(d, d)
+    A = M @ M.T / d + torch.eye(d, dtype=DTYPE)
+    return A, rand(d, k), rand(d), rand(d), rand(k)
+
+
+class Capture:
+    def __init__(self):
+        self.grads = []
+
+    def on_hypergrad(self, *, program, level, step, grads, diagnostics):
+        self.grads.append(grads[0].detach().clone())
+
+
+def unrolled_program(optimizer, K, method=None, seed=0):
+    """lower: L(w; lam) = 1/2 w'Aw - w'B lam, trained by `optimizer`; upper: 1/2 |w - t|^2."""
+    A, B, t, w0, lam0 = problem(seed)
+    params = torch.nn.ParameterList([torch.nn.Parameter(w0.clone())])
+    lam = torch.nn.Parameter(lam0.clone())
+    capture = Capture()
+
+    @ml.level(module=params, optimizer=optimizer([params[0]]))
+    def low(up):
+        w = params[0]
+        return 0.5 * w @ A @ w - w @ (B @ up.module)
+
+    @ml.level(upper_of="low", grad=method or ml.hypergrad.unroll(), module=lam, inner_steps=K,
+              optimizer=torch.optim.SGD([lam], lr=0.0))
+    def up(low):
+        return 0.5 * (low.module[0] - t).pow(2).sum()
+
+    program = ml.program(low, up, hooks=[capture], progress=False)
+    return program, capture, (A, B, t, w0, lam0)
+
+
+def test_unroll_matches_closed_form_of_k_sgd_steps():
+    lr, K = 0.1, 4
+    program, capture, (A, B, t, w0, lam0) = unrolled_program(
+        lambda p: torch.optim.SGD(p, lr=lr), K)
+    program.run(steps=K)
+    step = torch.eye(4, dtype=DTYPE) - lr * A
+    w = w0.clone()
+    for _ in range(K):
+        w = step @ w + lr * B @ lam0
+    jacobian = sum(torch.linalg.matrix_power(step, j) for j in range(K)) @ (lr * B)
+    expected = jacobian.T @ (w - t)
+    assert torch.allclose(program.level("low").params[0], w, atol=1e-12)
+    assert (capture.grads[0] - expected).norm() / expected.norm() <= 1e-10
+
+
+def test_unroll_matches_closed_form_of_momentum_sgd():
+    lr, mu, K = 0.05, 0.9, 5
+    program, capture, (A, B, t, w0, lam0) = unrolled_program(
+        lambda p: torch.optim.SGD(p, lr=lr, momentum=mu), K)
+    program.run(steps=K)
+    # Propagate the exact Jacobians of the linear recurrence: buffer b = mu b + g (b = g first).
+    w, b = w0.clone(), None
+    Jw, Jb = torch.zeros(4, 3, dtype=DTYPE), None
+    for _ in range(K):
+        g, Jg = A @ w - B @ lam0, A @ Jw - B
+        b, Jb = (g, Jg) if b is None else (mu * b + g, mu * Jb + Jg)
+        w, Jw = w - lr * b, Jw - lr * Jb
+    expected = Jw.T @ (w - t)
+    assert (capture.grads[0] - expected).norm() / expected.norm() <= 1e-10
+
+
+def test_unrolled_adam_matches_autograd_through_a_hand_written_adam():
+    lr, betas, eps, K = 0.05, (0.8, 0.95), 1e-8, 4
+    program, capture, (A, B, t, w0, lam0) = unrolled_program(
+        lambda p: torch.optim.Adam(p, lr=lr, betas=betas, eps=eps), K)
+    program.run(steps=K)
+    lam = lam0.clone().requires_grad_()
+    w, m, v = w0.clone(), torch.zeros(4, dtype=DTYPE), torch.zeros(4, dtype=DTYPE)
+    for k in range(1, K + 1):
+        g = A @ w - B @ lam
+        m = betas[0] * m + (1 - betas[0]) * g
+        v = betas[1] * v + (1 - betas[1]) * g * g
+        m_hat, v_hat = m / (1 - betas[0] ** k), v / (1 - betas[1] ** k)
+        w = w - lr * m_hat / (v_hat.sqrt() + eps)
+    (expected,) = torch.autograd.grad(0.5 * (w - t).pow(2).sum(), lam)
+    assert (capture.grads[0] - expected).norm() / expected.norm() <= 1e-10
+
+
+def test_truncated_unroll_differentiates_only_the_last_steps():
+    lr, K = 0.1, 4
+    program, capture, (A, B, t, w0, lam0) = unrolled_program(
+        lambda p: torch.optim.SGD(p, lr=lr), K, method=ml.hypergrad.unroll(steps=1))
+    program.run(steps=K)
+    w = program.level("low").params[0].detach()
+    expected = (lr * B).T @ (w - t)  # only the last step's dependence on lam
+    assert (capture.grads[0] - expected).norm() / expected.norm() <= 1e-10
+
+
+def test_checkpointed_unroll_gives_the_same_hypergradient():
+    results = []
+    for checkpoint in (False, True):
+        program, capture, _ = unrolled_program(
+            lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.5), 6,
+            method=ml.hypergrad.unroll(checkpoint=checkpoint))
+        program.run(steps=12)
+        results.append(torch.stack(capture.grads))
+    assert torch.allclose(results[0], results[1], rtol=1e-12, atol=1e-14)
+
+
+def test_second_cycle_starts_from_where_the_lower_level_is():
+    lr, K = 0.1, 2
+    program, capture, (A, B, t, w0, lam0) = unrolled_program(
+        lambda p: torch.optim.SGD(p, lr=lr), K)
+    program.run(steps=2 * K)
+    assert len(capture.grads) == 2
+    step = torch.eye(4, dtype=DTYPE) - lr * A
+    w = w0.clone()
+    for _ in range(2 * K):
+        w = step @ w + lr * B @ lam0  # the upper's lr is 0: lam never moves
+    jacobian = sum(torch.linalg.matrix_power(step, j) for j in range(K)) @ (lr * B)
+    expected = jacobian.T @ (w - t)  # differentiated through this cycle's K steps only
+    assert (capture.grads[1] - expected).norm() / expected.norm() <= 1e-10
+
+
+def maml_program(first_order=False, inner_lr=0.3):
+    """Meta-parameters theta; one inner SGD step on a support quadratic; query quadratic."""
+    gen = torch.Generator().manual_seed(3)
+    S = torch.randn(3, 3, generator=gen, dtype=DTYPE)
+    S = S @ S.T / 3 + torch.eye(3, dtype=DTYPE)
+    Q = torch.randn(3, 3, generator=gen, dtype=DTYPE)
+    Q = Q @ Q.T / 3 + torch.eye(3, dtype=DTYPE)
+    s, q = torch.randn(3, generator=gen, dtype=DTYPE), torch.randn(3, generator=gen, dtype=DTYPE)
+    meta_net = torch.nn.Linear(3, 1, bias=False).double()
+    learner_net = torch.nn.Linear(3, 1, bias=False).double()
+    theta0 = meta_net.weight.detach()[0].clone()
+    capture = Capture()
+
+    @ml.level(module=learner_net, optimizer=torch.optim.SGD(learner_net.parameters(),
+                                                            lr=inner_lr),
+              init_from="meta")
+    def learner():
+        phi = learner_net.weight[0]
+        return 0.5 * (phi - s) @ S @ (phi - s)
+
+    @ml.level(upper_of="learner", grad=ml.hypergrad.unroll(first_order=first_order),
+              module=meta_net, optimizer=torch.optim.SGD(meta_net.parameters(), lr=0.0))
+    def meta(learner):
+        phi = learner.weight[0]
+        return 0.5 * (phi - q) @ Q @ (phi - q)
+
+    program = ml.program(learner, meta, hooks=[capture], progress=False)
+    return program, capture, (S, Q, s, q, theta0, inner_lr)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_maml_restarts_from_the_meta_parameters(first_order):
+    program, capture, (S, Q, s, q, theta, lr) = maml_program(first_order)
+    program.run(steps=1)
+    phi = theta - lr * S @ (theta - s)
+    query_grad = Q @ (phi - q)
+    expected = query_grad if first_order else (torch.eye(3, dtype=DTYPE) - lr * S) @ query_grad
+    assert (capture.grads[0].reshape(-1) - expected).norm() / expected.norm() <= 1e-10
+    program.run(steps=1)  # the learner restarts from theta (unchanged: meta lr is 0)
+    assert torch.allclose(capture.grads[1], capture.grads[0], atol=1e-14)
+
+
+def test_learnable_inner_learning_rate():
+    """The upper level owns the lower optimizer's lr (a tensor in its param group)."""
+    A, B, t, w0, lam0 = problem()
+    w = torch.nn.ParameterList([torch.nn.Parameter(w0.clone())])
+    log_lr = torch.nn.Parameter(torch.tensor(-2.0, dtype=DTYPE))
+    inner = torch.optim.SGD([w[0]], lr=0.1)
+    capture = Capture()
+
+    @ml.level(module=w, optimizer=inner)
+    def low():
+        inner.param_groups[0]["lr"] = lr_level_value()
+        return 0.5 * w[0] @ A @ w[0] - w[0] @ (B @ lam0)
+
+    def lr_level_value():
+        return log_lr.exp()
+
+    @ml.level(upper_of="low", grad="unroll", module=log_lr, optimizer=torch.optim.SGD([log_lr],
+                                                                                    lr=0.0))
+    def schedule(low):
+        return 0.5 * (low.module[0] - t).pow(2).sum()
+
+    ml.program(low, schedule, hooks=[capture], progress=False).run(steps=1)
+    lr = float(log_lr.detach().exp())
+    g0 = A @ w0 - B @ lam0
+    w1 = w0 - lr * g0
+    expected = -(w1 - t) @ g0 * lr  # dF/dlog_lr = dF/dlr * lr
+    assert abs(float(capture.grads[0]) - float(expected)) <= 1e-10 * abs(float(expected))
+
+
+def test_batchnorm_statistics_update_during_unrolled_steps_and_stay_out_of_gradients():
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 3, dtype=DTYPE), torch.randn(32, 1, dtype=DTYPE)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4),
+                              torch.nn.Linear(4, 1)).double()
+    log_decay = torch.nn.Parameter(torch.tensor(-1.0, dtype=DTYPE))
+
+    @ml.level(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1))
+    def fit(hpo):
+        return (net(x) - y).pow(2).mean() + hpo.exp() * net[0].weight.pow(2).sum()
+
+    @ml.level(upper_of="fit", grad="unroll", module=log_decay, inner_steps=3,
+              optimizer=torch.optim.SGD([log_decay], lr=0.1))
+    def hpo(fit):
+        return (fit(x) - y).pow(2).mean()
+
+    before = net[1].running_mean.clone()
+    program = ml.program(fit, hpo, progress=False)
+    program.run(steps=3)
+    assert not torch.equal(net[1].running_mean, before)
+    assert int(net[1].num_batches_tracked) >= 3
+    assert all(p.requires_grad for p in program.level("fit").params)
+    assert len(program.level("fit").params) == 6  # weights and biases only, no buffers
+    assert log_decay.item() != -1.0
+
+
+def test_unroll_needs_a_module_for_the_lower_level():
+    w = torch.nn.Parameter(torch.zeros(2))
+    lam = torch.nn.Parameter(torch.zeros(2))
+
+    @ml.level(module=w, optimizer=torch.optim.SGD([w], lr=0.1))
+    def low(up):
+        return (w - up.module).pow(2).sum()
+
+    @ml.level(upper_of="low", grad="unroll", module=lam, optimizer=torch.optim.SGD([lam], lr=0.1))
+    def up(low):
+        return low.module.sum()
+
+    with pytest.raises(HypergradError, match=r"'low'.*unrolled by 'up'.*nn.Module"):
+        ml.program(low, up).run(steps=1)
+
+
+def test_init_from_must_be_the_unrolling_upper_with_the_same_shapes():
+    a, b = torch.nn.Linear(2, 1), torch.nn.Linear(3, 1)
+
+    @ml.level(module=a, optimizer=torch.optim.SGD(a.parameters(), lr=0.1), init_from="meta")
+    def learner():
+        return a.weight.sum()
+
+    @ml.level(upper_of="learner", grad="unroll", module=b,
+              optimizer=torch.optim.SGD(b.parameters(), lr=0.1))
+    def meta(learner):
+        return learner.weight.sum()
+
+    with pytest.raises(InvalidLevelError, match=r"init_from='meta', but their parameters differ"):
+        ml.program(learner, meta)
