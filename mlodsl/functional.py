@@ -167,8 +167,7 @@ SUPPORTED: tuple[str, ...] = tuple(_RULES)
 
 
 def _scalar(v: Any) -> Any:
-    """1-element tensor hyperparameters become 0-d, as torch reads them: they keep the
-    parameters' shapes."""
+    """A 1-element tensor hyperparameter as 0-d, as torch reads it: parameters keep their shape."""
     return v.reshape(()) if isinstance(v, torch.Tensor) and v.dim() else v
 
 
@@ -190,12 +189,13 @@ class FunctionalOptimizer:
         self.optimizer, self.params = optimizer, tuple(params)
         self._rule, self._groups = rule, tuple(groups)
 
-    def init_state(self, params: Sequence[torch.Tensor], fresh: bool = False) -> list[State]:
+    def init_state(self, params: Sequence[torch.Tensor]) -> list[State]:
         """Per-parameter state to start from.
 
         Args:
-            params: The tensors to be stepped (shapes, dtypes, devices); positional.
-            fresh: Start as a newly built optimizer does, ignoring the wrapped one's state.
+            params: The tensors to be stepped, positional. Those that the wrapped optimizer
+                holds state for (its own parameters) start from it; others (fast weights, the
+                tensors of another level) start fresh.
 
         Returns:
             A detached copy of the wrapped optimizer's current state for each parameter when it
@@ -204,8 +204,8 @@ class FunctionalOptimizer:
         """
         self._check_count(params)
         states = []
-        for original, p in zip(self.params, params):
-            kept = {} if fresh else self.optimizer.state.get(original, {})
+        for p in params:
+            kept = self.optimizer.state.get(p, {})
             state = {k: v.detach().clone() for k, v in kept.items()
                      if isinstance(v, torch.Tensor) and k != "step"}
             if "step" in kept:  # torch keeps it on the CPU, in float32 unless float64 is default

@@ -12,6 +12,7 @@ import contextlib
 import math
 import random
 import sys
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -165,7 +166,11 @@ class Interpreter:
         self.level_steps[name] += 1
         self.partial = (self.partial[0], index + 1)  # committed: a retry moves on
         if node.scheduler is not None and not record.get("skipped"):
-            _step_scheduler(node.scheduler, record["loss"])
+            with warnings.catch_warnings():
+                # An unrolled level steps through its optimizer's differentiable twin, so torch
+                # would warn that the scheduler stepped before optimizer.step(): it did not.
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step")
+                _step_scheduler(node.scheduler, record["loss"])
         record["step"] = self.level_steps[name]
         record["global_step"] = self.partial[0]
         self.history.append(name, record)

@@ -6,8 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mlodsl.functional import (SUPPORTED, ParameterNotInOptimizerError,
-                               UnsupportedOptimizerError, functional_optimizer)
+from mlodsl.functional import (
+    SUPPORTED,
+    ParameterNotInOptimizerError,
+    UnsupportedOptimizerError,
+    functional_optimizer,
+)
 
 K = 5
 SHAPES = ((3, 4), (5,))
@@ -60,9 +64,9 @@ def torch_steps(params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
             scheduler.step()
 
 
-def twin_steps(params, optimizer, grads, scheduler=None, fresh=False):
+def twin_steps(params, optimizer, grads, scheduler=None):
     twin = functional_optimizer(optimizer, params)
-    ws, state = [p.detach().clone() for p in params], twin.init_state(params, fresh=fresh)
+    ws, state = [p.detach().clone() for p in params], twin.init_state(params)
     for step in grads:
         ws, state = twin.step(ws, step, state)
         if scheduler is not None:
@@ -103,7 +107,9 @@ def test_init_state_copies_and_detaches():
     torch_steps(params, opt, gradients(3, 1))  # the real optimizer moves on in place
     assert torch.equal(state[0]["exp_avg"], copy) and not state[0]["exp_avg"].requires_grad
     assert state[0]["step"].dtype == torch.float64 and float(state[0]["step"]) == 2
-    assert functional_optimizer(opt, params).init_state(params, fresh=True) == [{}, {}]
+    # Other tensors (fast weights, another level's parameters) start fresh.
+    others = [p.detach().clone() for p in params]
+    assert functional_optimizer(opt, params).init_state(others) == [{}, {}]
 
 
 def quadratic(d: int = 4, seed: int = 0):
@@ -190,9 +196,10 @@ def test_vmap_equals_loop(name, cfg, warm):
     batch = 3
     starts = [torch.randn(batch, *s, dtype=torch.float64) for s in SHAPES]
     grads = gradients(2, batch=(batch,))
+    initial = twin.init_state(params)  # unbatched, shared by every batch element
 
     def run(starts: list[torch.Tensor], grads: list[list[torch.Tensor]]):
-        ws, state = list(starts), twin.init_state(starts)
+        ws, state = list(starts), [dict(s) for s in initial]
         for step in grads:
             ws, state = twin.step(ws, step, state)
         return ws, state
