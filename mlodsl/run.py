@@ -166,11 +166,14 @@ class Interpreter:
         self.level_steps[name] += 1
         self.partial = (self.partial[0], index + 1)  # committed: a retry moves on
         if node.scheduler is not None and not record.get("skipped"):
-            with warnings.catch_warnings():
-                # An unrolled level steps through its optimizer's differentiable twin, so torch
-                # would warn that the scheduler stepped before optimizer.step(): it did not.
-                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step")
+            if self.unroller is None or name not in self.unroller.upper_of:
                 _step_scheduler(node.scheduler, record["loss"])
+            else:
+                with warnings.catch_warnings():
+                    # An unrolled level steps through its optimizer's differentiable twin, so
+                    # torch would warn that the scheduler stepped before optimizer.step().
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
+                    _step_scheduler(node.scheduler, record["loss"])
         record["step"] = self.level_steps[name]
         record["global_step"] = self.partial[0]
         self.history.append(name, record)
