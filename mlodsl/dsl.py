@@ -50,6 +50,7 @@ class LevelSpec:
     data: Any
     inner_steps: int
     init_from: str | None
+    tasks: bool = False
     accumulate: int = 1
     clip_grad_norm: float | None = None
     precision: str = "fp32"
@@ -122,6 +123,7 @@ def level(
     data: Any = None,
     inner_steps: int = 1,
     init_from: str | None = None,
+    tasks: bool = False,
     accumulate: int = 1,
     clip_grad_norm: float | None = None,
     precision: str = "fp32",
@@ -158,6 +160,10 @@ def level(
         init_from: Upper level whose parameters this level restarts from at each of that
             level's steps (MAML): the upper level must be directly above this one, unroll it
             (``grad="unroll"``) and have parameters of the same shapes.
+        tasks: The level's batch is a batch of tasks (a leading task dimension on every tensor):
+            with ``init_from``, it adapts on all of them at once with ``torch.func.vmap``, and
+            the upper level's loss is evaluated per task and averaged. Level functions are
+            written for one task.
         accumulate: Micro-batches per optimizer step: each step of this level takes this many
             batches and averages their gradients (hypergradients for an upper level).
         clip_grad_norm: Clip this level's gradient to this total norm before each step.
@@ -183,7 +189,7 @@ def level(
     """
     arguments = dict(
         name=name, upper_of=upper_of, grad=grad, module=module, optimizer=optimizer,
-        scheduler=scheduler, data=data, inner_steps=inner_steps, init_from=init_from,
+        scheduler=scheduler, data=data, inner_steps=inner_steps, init_from=init_from, tasks=tasks,
         accumulate=accumulate, clip_grad_norm=clip_grad_norm, precision=precision,
         warmup=warmup, log_every=log_every,
     )
@@ -263,7 +269,8 @@ def _make_spec(fn: Callable[..., Any], **a: Any) -> LevelSpec:
     return LevelSpec(
         name=name, defined_at=where, upper_of=upper_of, grad=method, module=a["module"],
         optimizer=a["optimizer"], scheduler=a["scheduler"], data=a["data"],
-        inner_steps=inner_steps, init_from=init_from, accumulate=a["accumulate"],
+        inner_steps=inner_steps, init_from=init_from, tasks=bool(a["tasks"]),
+        accumulate=a["accumulate"],
         clip_grad_norm=None if clip is None else float(clip), precision=a["precision"],
         warmup=a["warmup"], log_every=a["log_every"],
     )

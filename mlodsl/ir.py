@@ -50,6 +50,7 @@ class LevelNode:
     precision: str = "fp32"
     warmup: int = 0
     init_from: str | None = None
+    tasks: bool = False
 
     @property
     def reads(self) -> tuple[str, ...]:

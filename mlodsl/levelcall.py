@@ -36,8 +36,13 @@ def add_note(error: BaseException, note: str) -> None:
         error.__notes__ = [*notes, note]  # type: ignore[attr-defined]
 
 
-def split_loss(node: LevelNode, out: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The loss and a record of metrics (detached) from what a level function returned."""
+def split_loss(node: LevelNode, out: Any, require_grad: bool = True
+               ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The loss and a record of metrics (detached) from what a level function returned.
+
+    ``require_grad=False`` inside ``torch.func.vmap``, whose per-task tensors do not report
+    ``requires_grad``; the caller checks the combined loss instead.
+    """
     if type(out) is torch.Tensor and out.ndim == 0 and out.requires_grad:  # the common case
         return out, {"loss": out.detach()}
     if isinstance(out, Mapping):
@@ -56,7 +61,7 @@ def split_loss(node: LevelNode, out: Any) -> tuple[torch.Tensor, dict[str, Any]]
     if loss.ndim != 0:
         raise LossError(_NOT_SCALAR.format(name=node.name, where=node.defined_at,
                                            shape=tuple(loss.shape)))
-    if not loss.requires_grad:
+    if require_grad and not loss.requires_grad:
         raise LossError(_NO_GRAD.format(name=node.name, where=node.defined_at))
     record["loss"] = loss.detach()
     return loss, record

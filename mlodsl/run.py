@@ -196,7 +196,7 @@ class Interpreter:
             total: list[torch.Tensor] | None = None
             for batch in micro:
                 with self._leaf_fast_weights(name):
-                    loss, record = self._evaluate(node, batch)
+                    loss, record = self._evaluate_upper(node, batch)
                     scale = 1.0
                     if scaler is not None:  # scaled hypergradients; the scaler unscales them
                         loss, scale = scaler.scale(loss), scaler.get_scale()
@@ -268,8 +268,16 @@ class Interpreter:
             records[:] = fresh
             return losses[0] if len(losses) == 1 else sum(losses) / len(losses)
 
-        loss = self.unroller.step(name, loss_of, self.unroller.taken.get(name, 0),
-                                  every[upper] // every[name])
+        position, count = self.unroller.taken.get(name, 0), every[upper] // every[name]
+        if node.tasks:
+            def loss_for(task: Any) -> torch.Tensor:
+                return self._evaluate(node, task, per_task=True)[0]
+
+            losses = self.unroller.step_tasks(name, loss_for, micro[0], position, count)
+            loss = losses.mean()
+            records[:] = [{"loss": loss.detach()}]
+        else:
+            loss = self.unroller.step(name, loss_of, position, count)
         if not self._finite(loss, name, "loss"):
             return self._skip(mean_record(records))
         self.committed = True
@@ -303,8 +311,8 @@ class Interpreter:
 
     # -- evaluating levels -------------------------------------------------------------------
 
-    def _evaluate(self, node: LevelNode, batch: Any, context: str = ""
-                  ) -> tuple[torch.Tensor, dict[str, Any]]:
+    def _evaluate(self, node: LevelNode, batch: Any, context: str = "",
+                  per_task: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
         """Call the level's function; return its loss and a record of its metrics."""
         name = node.name
         kwargs = dict(self.static_kwargs[name])
@@ -321,7 +329,7 @@ class Interpreter:
             else:
                 with self.precision[name].autocast():
                     out = call(**kwargs)
-            return split_loss(node, out)
+            return split_loss(node, out, require_grad=not per_task)
         except Exception as error:
             when = (f"after its step {self.level_steps[name]}" if context
                     else f"at its step {self.level_steps[name] + 1}")
@@ -348,8 +356,29 @@ class Interpreter:
         node = self.nodes[name]
         micro = self.current_batches(name)
         if len(micro) == 1:
-            return self._evaluate(node, micro[0], context)[0]
-        return sum(self._evaluate(node, b, context)[0] for b in micro) / len(micro)
+            return self._evaluate_upper(node, micro[0], context)[0]
+        return sum(self._evaluate_upper(node, b, context)[0] for b in micro) / len(micro)
+
+    def _evaluate_upper(self, node: LevelNode, batch: Any, context: str = ""
+                        ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """:meth:`_evaluate`, but per task and averaged when ``node`` unrolls a ``tasks=True``
+        level: each task's loss sees that task's adapted weights."""
+        lower = None if self.unroller is None else self.unroller.tasks_lower(node.name)
+        if lower is None:
+            return self._evaluate(node, batch, context)
+        batched = self.unroller.fast[lower]
+
+        def one_task(weights: tuple[torch.Tensor, ...], task: Any) -> Any:
+            self.unroller.fast[lower] = weights
+            loss, record = self._evaluate(node, task, context, per_task=True)
+            return loss, {k: v for k, v in record.items() if isinstance(v, torch.Tensor)}
+
+        try:
+            losses, records = torch.func.vmap(one_task)(batched, batch)
+        finally:
+            self.unroller.fast[lower] = batched
+        return split_loss(node, {**{k: v.mean() for k, v in records.items()},
+                                 "loss": losses.mean()})
 
     def _lower_loss_fn(self, lower: str, upper: str) -> Any:
         context = f" for the hypergradient of '{upper}'"

@@ -96,6 +96,7 @@ def trace(levels: Sequence[Any], options: Mapping[str, Any]) -> Graph:
             log_every=spec.log_every,
             clip_grad_norm=spec.clip_grad_norm, accumulate=spec.accumulate,
             precision=spec.precision, warmup=spec.warmup, init_from=spec.init_from,
+            tasks=spec.tasks,
         ))
     _check_unrolling(nodes)
     edges = tuple(Edge(upper=n.name, lower=lower, method=n.method.name)
@@ -125,6 +126,11 @@ def _check_unrolling(nodes: Sequence[LevelNode]) -> None:
                     f"'{unrolled_by[lower]}' and '{node.name}'; one upper level may unroll it.")
             unrolled_by[lower] = node.name
     for node in nodes:
+        if node.tasks and (node.init_from is None or node.accumulate != 1):
+            raise errors.InvalidLevelError(
+                f"level '{node.name}' ({node.defined_at}) has tasks=True, which adapts a batch of "
+                "tasks in parallel from an upper level's parameters: it needs init_from=<the "
+                "upper level> (with grad='unroll' there) and accumulate=1.")
         source = node.init_from
         if source is None:
             continue

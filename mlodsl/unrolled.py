@@ -111,11 +111,7 @@ class Unroller:
         method = self._method(lower)
         if lower not in self.fast:
             self.restart(lower)
-        if lower not in self.optimizers:
-            from mlodsl.functional import functional_optimizer  # only programs that unroll
-
-            self.optimizers[lower] = functional_optimizer(node.optimizer, node.params)
-        optimizer = self.optimizers[lower]
+        optimizer = self._optimizer(lower)
         if lower not in self.state:
             # init_from starts each episode afresh; otherwise continue the real optimizer's state
             source = self.fast[lower] if node.init_from is not None else node.params
@@ -160,6 +156,55 @@ class Unroller:
                 p.copy_(t)
         return loss
 
+    def step_tasks(self, lower: str, loss_for: Callable[[Any], torch.Tensor], batch: Any,
+                   position: int, count: int) -> torch.Tensor:
+        """One functional update of a ``tasks=True`` level on every task of ``batch`` at once
+        (``torch.func.vmap``): per-task fast weights, per-task optimizer state. Returns the
+        per-task losses."""
+        node = self.nodes[lower]
+        method = self._method(lower)
+        tasks = _task_count(batch, lower, node.defined_at)
+        if self.taken.get(lower, 0) == 0:  # a new episode: every task from the meta weights
+            meta = self.nodes[node.init_from].params
+            self.fast[lower] = tuple(p.unsqueeze(0).expand(tasks, *p.shape) for p in meta)
+        optimizer = self._optimizer(lower)
+        if lower not in self.state:
+            self.state[lower] = optimizer.init_state(self.fast[lower])
+        window = method.steps is None or count - position <= method.steps
+        differentiable = window and not method.first_order
+        current = self.fast[lower]
+        if not window:
+            current = tuple(t.detach().requires_grad_() for t in current)
+
+        def one_task(tensors: tuple[torch.Tensor, ...], state: Any, task: Any) -> Any:
+            def loss_of(weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
+                previous = self.fast[lower]
+                self.fast[lower] = weights
+                try:
+                    return loss_for(task)
+                finally:
+                    self.fast[lower] = previous
+
+            grads, loss = torch.func.grad_and_value(loss_of)(tensors)
+            if not differentiable:
+                grads = tuple(g.detach() for g in grads)
+            new, state = optimizer.step(list(tensors), list(grads), state)
+            return tuple(new), state, loss
+
+        new, self.state[lower], losses = torch.func.vmap(one_task)(current, self.state[lower],
+                                                                   batch)
+        self.fast[lower] = self.end[lower] = new
+        self.taken[lower] = self.taken.get(lower, 0) + 1
+        with torch.no_grad():  # the module shows the mean of the adapted weights
+            for p, t in zip(node.params, new):
+                p.copy_(t.mean(0))
+        return losses
+
+    def tasks_lower(self, upper: str) -> str | None:
+        """The ``tasks=True`` level ``upper`` unrolls, if any."""
+        return next((lower for lower in self.unrolled_by(upper) if self.nodes[lower].tasks),
+                    None)
+
     def finish(self, lower: str) -> None:
         """After the upper level's update: hand the optimizer state back and start over."""
         node = self.nodes[lower]
@@ -167,8 +212,26 @@ class Unroller:
             self.optimizers[lower].write_back(node.params, self.state[lower])
         self.restart(lower)
 
+    def _optimizer(self, lower: str) -> Any:
+        if lower not in self.optimizers:
+            from mlodsl.functional import functional_optimizer  # only programs that unroll
+
+            node = self.nodes[lower]
+            self.optimizers[lower] = functional_optimizer(node.optimizer, node.params)
+        return self.optimizers[lower]
+
     def _method(self, lower: str) -> Any:
         return self.nodes[self.upper_of[lower]].method
+
+
+def _task_count(batch: Any, level: str, where: str) -> int:
+    leaves = [t for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)]
+    if not leaves or any(t.ndim == 0 or t.shape[0] != leaves[0].shape[0] for t in leaves):
+        raise HypergradError(
+            f"level '{level}' ({where}) has tasks=True, so every tensor of its batch must have "
+            "the same leading task dimension; got shapes "
+            f"{[tuple(t.shape) for t in leaves]}.")
+    return leaves[0].shape[0]
 
 
 def _flatten_state(state: list[dict[str, Any]]) -> tuple[list[list[str]], list[torch.Tensor]]:

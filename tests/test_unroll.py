@@ -262,3 +262,80 @@ def test_init_from_must_be_the_unrolling_upper_with_the_same_shapes():
 
     with pytest.raises(InvalidLevelError, match=r"init_from='meta', but their parameters differ"):
         ml.program(learner, meta)
+
+
+def task_batch_program(first_order=False, inner_lr=0.1, tasks=4, inner_steps=1):
+    torch.manual_seed(0)
+
+    def mlp():
+        return torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(),
+                                   torch.nn.Linear(8, 1)).double()
+
+    meta_net, learner_net = mlp(), mlp()
+    gen = torch.Generator().manual_seed(1)
+    support = (torch.randn(tasks, 5, 1, generator=gen, dtype=DTYPE),
+               torch.randn(tasks, 5, 1, generator=gen, dtype=DTYPE))
+    query = (torch.randn(tasks, 6, 1, generator=gen, dtype=DTYPE),
+             torch.randn(tasks, 6, 1, generator=gen, dtype=DTYPE))
+    capture = Capture()
+
+    @ml.level(module=learner_net, optimizer=torch.optim.SGD(learner_net.parameters(),
+                                                            lr=inner_lr),
+              data=lambda: support, init_from="meta", tasks=True)
+    def learner(batch):
+        x, y = batch
+        return (learner_net(x) - y).pow(2).mean()
+
+    @ml.level(upper_of="learner", grad=ml.hypergrad.unroll(first_order=first_order),
+              inner_steps=inner_steps, module=meta_net, data=lambda: query,
+              optimizer=torch.optim.SGD(meta_net.parameters(), lr=0.0))
+    def meta(batch, learner):
+        x, y = batch
+        return (learner(x) - y).pow(2).mean()
+
+    class CaptureAll:
+        def on_hypergrad(self, *, program, level, step, grads, diagnostics):
+            capture.grads.append([g.detach().clone() for g in grads])
+
+    program = ml.program(learner, meta, hooks=[CaptureAll()], progress=False)
+    return program, capture, meta_net, support, query
+
+
+@pytest.mark.parametrize("first_order,inner_steps", [(False, 1), (True, 1), (False, 2)])
+def test_task_batch_adapts_in_parallel_and_equals_a_task_loop(first_order, inner_steps):
+    program, capture, meta_net, support, query = task_batch_program(first_order,
+                                                                    inner_steps=inner_steps)
+    program.run(steps=inner_steps)
+    theta = list(meta_net.parameters())
+    names = [n for n, _ in meta_net.named_parameters()]
+    total = [torch.zeros_like(p) for p in theta]
+    for i in range(support[0].shape[0]):
+        phi = list(theta)
+        for _ in range(inner_steps):
+            out = torch.func.functional_call(meta_net, dict(zip(names, phi)), (support[0][i],))
+            grads = torch.autograd.grad((out - support[1][i]).pow(2).mean(), phi,
+                                        create_graph=not first_order)
+            phi = [p - 0.1 * g for p, g in zip(phi, grads)]
+        out = torch.func.functional_call(meta_net, dict(zip(names, phi)), (query[0][i],))
+        meta_grads = torch.autograd.grad((out - query[1][i]).pow(2).mean(), theta)
+        total = [t + g / support[0].shape[0] for t, g in zip(total, meta_grads)]
+    for ours, expected in zip(capture.grads[0], total):
+        assert torch.allclose(ours, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_task_batch_needs_init_from():
+    net = torch.nn.Linear(1, 1)
+
+    with pytest.raises(InvalidLevelError, match=r"tasks=True.*needs init_from"):
+        @ml.level(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1), tasks=True)
+        def learner():
+            return net.weight.sum()
+
+        other = torch.nn.Linear(1, 1)
+
+        @ml.level(upper_of="learner", grad="unroll", module=other,
+                  optimizer=torch.optim.SGD(other.parameters(), lr=0.1))
+        def meta(learner):
+            return learner.weight.sum()
+
+        ml.program(learner, meta)
