@@ -195,7 +195,8 @@ class Interpreter:
         if self.view.below[name]:
             total: list[torch.Tensor] | None = None
             for batch in micro:
-                with self._leaf_fast_weights(name):
+                with (self._leaf_fast_weights(name) if self.unroller is not None
+                      else contextlib.nullcontext()):
                     loss, record = self._evaluate_upper(node, batch)
                     scale = 1.0
                     if scaler is not None:  # scaled hypergradients; the scaler unscales them
