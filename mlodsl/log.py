@@ -209,7 +209,9 @@ class WandB(MetricsLogger):
     Offline mode is honoured (``mode="offline"``, or ``WANDB_MODE=offline`` in the environment);
     sync later with ``wandb sync``. The run's config holds each level's optimizer, learning
     rate, method and ``inner_steps``. Points are plotted against the program step (logged as
-    ``global_step``). The run is finished by :meth:`close`, or when Python exits.
+    ``global_step``). The run is finished by :meth:`close`, or when Python exits. (W&B writes
+    the run's local files from a service process: they are complete once that stops, at exit
+    or after ``wandb.teardown()``.)
 
     Args:
         project: The W&B project.

@@ -6,6 +6,7 @@ import os
 import shutil
 import sys
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -86,9 +87,9 @@ def test_text_fallback_when_the_graphviz_package_is_missing(monkeypatch, tmp_pat
         graph.save(tmp_path / "graph.png")
     # the text drawing is the one print(program) shows (in its compact form)
     compact = str(program.visualize(detail="compact"))
-    assert compact == "\n".join(["hpo [1 steps, loss {}]", "  --cg, inner_steps=3--> ridge "
-                                 "[3 steps, loss {}]"]).format(
-        f"{program.history.last('hpo')['loss']:.4g}", f"{program.history.last('ridge')['loss']:.4g}")
+    hpo, ridge = (f"{program.history.last(name)['loss']:.4g}" for name in ("hpo", "ridge"))
+    assert compact == (f"hpo [1 steps, loss {hpo}]\n"
+                       f"  --cg, inner_steps=3--> ridge [3 steps, loss {ridge}]")
     assert str(program).endswith("graph:\n" + "\n".join("  " + line
                                                       for line in compact.splitlines()))
 
@@ -180,3 +181,26 @@ def test_save_text_formats_by_suffix_or_format(tmp_path):
     assert graph.save(tmp_path / "graph", format="gv").read_text() == graph.source
     with pytest.raises(ValueError, match=r"cannot save the level graph as 'jpeg'.*svg, png"):
         graph.save(tmp_path / "g.jpeg")
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_shows_the_committed_drawing_of_the_quickstart_program():
+    assert "](docs/quickstart_graph.svg)" in (ROOT / "README.md").read_text()
+    texts = svg_texts((ROOT / "docs" / "quickstart_graph.svg").read_text())
+    assert {"hpo", "classifier", "cg, inner_steps=5", "2000 steps, loss 0.179"} <= set(texts)
+
+
+@needs_dot
+def test_docs_script_regenerates_the_drawing(tmp_path):
+    pytest.importorskip("sklearn")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("render_graph", ROOT / "docs" / "render_graph.py")
+    render_graph = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render_graph)
+    out = render_graph.render(steps=10, out=tmp_path / "graph.svg")
+    texts = svg_texts(out.read_text())
+    assert {"hpo", "classifier", "cg, inner_steps=5"} <= set(texts)
+    assert any(t.startswith("10 steps, loss ") for t in texts)
