@@ -228,3 +228,20 @@ def test_log_every_must_be_a_positive_integer(value):
     with pytest.raises(ml.errors.InvalidLevelError,
                        match=r"level 'fit' \(.*test_log.py:\d+\): log_every must be a positive"):
         regression(log_every_fit=value)
+
+
+def test_validation_callback_metrics_reach_the_logger():
+    calls = []
+
+    def validation(fit):
+        x = torch.ones(4, 4)
+        return {"out": fit(x).mean()}
+
+    program = regression(logger=lambda metrics, step: calls.append((step, metrics)),
+                         validation=validation, validate_every=3)
+    program.run(steps=6)
+    logged = [(step, m["val/out"]) for step, m in calls if "val/out" in m]
+    assert [step for step, _ in logged] == [3, 6]
+    assert [value for _, value in logged] == pytest.approx(
+        [r["out"] for r in program.history.validation])
+    assert all(set(m) == {"val/out"} for _, m in calls if "val/out" in m)
