@@ -154,7 +154,8 @@ class Interpreter:
         name = action.level
         node = self.nodes[name]
         stream = self.streams[name]
-        micro = tuple(stream.next() for _ in range(node.accumulate))
+        micro = ((stream.next(),) if node.accumulate == 1
+                 else tuple(stream.next() for _ in range(node.accumulate)))
         self.batches[name] = micro
         self.committed = False
         try:
@@ -203,13 +204,12 @@ class Interpreter:
                         loss, scale = scaler.scale(loss), scaler.get_scale()
                     grads, diagnostics = self._hypergrad(node, loss)
                 norm = diagnostics.pop("hypergrad_norm")
-                # One check (one device sync) covers the loss and the hypergradient (inf * 0
-                # is NaN); each is looked at alone only to name the culprit.
-                if scaler is None and not math.isfinite((norm + loss.detach() * 0).item()):
+                if scaler is None and not (math.isfinite(norm.item())
+                                           and math.isfinite(loss.item())):
                     if not self._finite(loss, name, "loss") or not self._finite(
                             norm, name, "hypergradient"):
                         return self._skip(record)
-                record["hypergrad_norm"] = norm / scale
+                record["hypergrad_norm"] = norm if scale == 1.0 else norm / scale
                 record.update(diagnostics)
                 records.append(record)
                 if count == 1:
