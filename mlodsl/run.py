@@ -33,7 +33,7 @@ from mlodsl.ir import Graph, LevelNode
 from mlodsl.levelcall import add_note, mean_record, split_loss
 from mlodsl.precision import Precision
 from mlodsl.unrolled import Unroller
-from mlodsl.validation import EarlyStopper, Validator
+from mlodsl.validation import EarlyStopper, Validator, validation_params
 
 _NON_FINITE = (
     "level '{name}' ({where}) produced a non-finite {what} ({value}) at its step {step} "
@@ -98,7 +98,7 @@ class Interpreter:
         self.validator = None
         if options.get("validation") is not None:
             self.validator = Validator(options["validation"], options["validate_every"],
-                                       _validation_params(options["validation"], self.nodes),
+                                       validation_params(options["validation"], self.nodes),
                                        self.handles, [n.module for n in graph.levels])
         stopping = options.get("early_stopping")
         self.early_stopper = EarlyStopper(stopping) if stopping is not None else None
@@ -431,12 +431,6 @@ class Interpreter:
             raw = torch.autograd.grad(loss, node.params, allow_unused=True)
             grads = [torch.zeros_like(p) if g is None else g for g, p in zip(raw, node.params)]
         return tuple(g.detach() for g in grads)
-
-
-def _validation_params(fn: Any, nodes: Mapping[str, LevelNode]) -> tuple[str, ...]:
-    from mlodsl.validation import check_validation
-
-    return check_validation(fn, 1, list(nodes))
 
 
 def _seed_everything(seed: int) -> None:

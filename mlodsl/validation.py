@@ -54,6 +54,11 @@ def check_validation(fn: Any, every: Any, level_names: Sequence[str]) -> tuple[s
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise errors.TraceError(f"validate_every must be a positive integer (program steps), "
                                 f"got {every!r}")
+    return validation_params(fn, level_names)
+
+
+def validation_params(fn: Callable[..., Any], level_names: Sequence[str]) -> tuple[str, ...]:
+    """The parameters of a validation callback that mlodsl fills (levels, program, step)."""
     names = []
     known = [*level_names, *_RESERVED]
     for param in inspect.signature(fn).parameters.values():
