@@ -10,6 +10,9 @@ import torch
 from mlodsl.errors import MissingDependencyError
 
 
+_CONVERT_EVERY = 256
+
+
 def _number(value: Any) -> Any:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         return value.item()
@@ -51,7 +54,12 @@ class History(Mapping[str, list[dict[str, Any]]]):
 
     def append(self, level: str, record: dict[str, Any]) -> None:
         """Add one record (values may be 0-d tensors)."""
-        self._records[level].append(record)
+        records = self._records[level]
+        records.append(record)
+        # Turn tensors into numbers in batches: one sync per batch, and a long run does not
+        # keep a tensor (and its allocator chunk) alive per metric per step.
+        if len(records) - self._converted[level] >= _CONVERT_EVERY:
+            self[level]
 
     def __getitem__(self, level: str) -> list[dict[str, Any]]:
         records = self._records[level]

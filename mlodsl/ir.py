@@ -72,6 +72,8 @@ class LevelNode:
         if self.lowers:
             parts.append(f"grad={self.method.name if self.method else '?'}")
             parts.append(f"inner_steps={self.inner_steps}")
+        if self.init_from is not None:
+            parts.append(f"init_from={self.init_from}" + ("  tasks" if self.tasks else ""))
         if self.scheduler is not None:
             parts.append(f"scheduler={type(self.scheduler).__name__}")
         return "  ".join(parts)

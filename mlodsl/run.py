@@ -406,6 +406,7 @@ class Interpreter:
         for lower in lowers:
             leaves = self.unroller.leaf_copies(lower)
             self.params[lower] = leaves
+            self.edges[(name, lower)].state["unrolled_steps"] = self.unroller.taken.get(lower, 0)
         try:
             yield
         finally:

@@ -264,3 +264,19 @@ def test_run_rejects_bad_steps():
     program = ridge_program(make_ridge(), "cg")
     with pytest.raises(ValueError, match="non-negative integer"):
         program.run(steps=-1)
+
+
+def test_history_turns_tensors_into_numbers_in_batches_on_long_runs():
+    """A long run must not keep a tensor alive per metric per step until someone reads it."""
+    w = torch.nn.Parameter(torch.zeros(2))
+
+    @ml.level(module=w, optimizer=torch.optim.SGD([w], lr=0.01))
+    def fit():
+        return {"loss": (w - 1).pow(2).sum(), "norm": w.norm()}
+
+    program = ml.program(fit, progress=False)
+    program.run(steps=300)
+    stored = program.history._records["fit"]
+    assert all(isinstance(v, float) for r in stored[:256] for k, v in r.items()
+               if k in ("loss", "norm"))
+    assert program.history.series("fit", "loss")[-1] < program.history.series("fit", "loss")[0]

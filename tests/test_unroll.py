@@ -126,6 +126,7 @@ def test_second_cycle_starts_from_where_the_lower_level_is():
         lambda p: torch.optim.SGD(p, lr=lr), K)
     program.run(steps=2 * K)
     assert len(capture.grads) == 2
+    assert program.history.series("up", "up->low/unrolled_steps") == [K, K]
     step = torch.eye(4, dtype=DTYPE) - lr * A
     w = w0.clone()
     for _ in range(2 * K):
