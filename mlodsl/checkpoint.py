@@ -75,6 +75,8 @@ def restore(runtime: Any, state: dict[str, Any], where: str) -> None:
         edge.state.clear()
         edge.state.update(state["edges"].get(f"{key[0]}->{key[1]}", {}))
     runtime.history.load_state_dict(state["history"])
+    if runtime.unroller is not None:  # trajectories are not saved: restart from the loaded state
+        runtime.unroller.reset()
     if runtime.early_stopper is not None and state["early_stopping"] is not None:
         runtime.early_stopper.load_state_dict(state["early_stopping"])
     # Data positions last: replaying an epoch's order uses (and then restores) the RNG.

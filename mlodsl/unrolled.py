@@ -65,6 +65,12 @@ class Unroller:
         self.taken: dict[str, int] = {}
         self.optimizers: dict[str, Any] = {}
 
+    def reset(self) -> None:
+        """Forget every trajectory (after parameters were replaced, e.g. by a checkpoint): the
+        next step of each unrolled level starts afresh from its current parameters."""
+        for table in (self.fast, self.end, self.state, self.taken):
+            table.clear()
+
     def unrolled_by(self, upper: str) -> tuple[str, ...]:
         """The levels ``upper`` unrolls."""
         return tuple(lower for lower, u in self.upper_of.items() if u == upper)

@@ -340,3 +340,13 @@ def test_task_batch_needs_init_from():
             return learner.weight.sum()
 
         ml.program(learner, meta)
+
+
+def test_loading_a_checkpoint_restarts_unrolled_trajectories_from_the_loaded_weights(tmp_path):
+    program, capture, _ = unrolled_program(lambda p: torch.optim.SGD(p, lr=0.1), 2)
+    program.run(steps=2)
+    program.save(tmp_path / "two.pt")
+    program.run(steps=2)
+    program.load(tmp_path / "two.pt")
+    program.run(steps=2)
+    assert torch.allclose(capture.grads[2], capture.grads[1], rtol=1e-12, atol=1e-14)
