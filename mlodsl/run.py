@@ -21,11 +21,12 @@ import torch
 from mlodsl import checkpoint
 from mlodsl.compile import Action
 from mlodsl.data import DataStream
-from mlodsl.errors import NonFiniteError
+from mlodsl.errors import NoDependencyError, NonFiniteError
 from mlodsl.handles import LevelHandle
 from mlodsl.history import History
 from mlodsl.hooks import HookSet, ProgressBar, wants_progress
 from mlodsl.log import loggers
+from mlodsl.hypergrad import kernels
 from mlodsl.hypergrad.base import EdgeProblem, GraphView
 from mlodsl.hypergrad.chain import total_hypergrad
 from mlodsl.interrupts import DeferredInterrupt
@@ -393,16 +394,39 @@ class Interpreter:
                    ) -> tuple[list[torch.Tensor], dict[str, Any]]:
         """``node``'s hypergradient from its ``loss`` (computed inside
         :meth:`_leaf_fast_weights` when it unrolls levels below it)."""
+        if methods is None and self.unroller is not None and self.unroller.direct(node.name):
+            return self._unrolled_hypergrad(node, loss)
         return total_hypergrad(loss, node.name, self.view, self.lowers,
                                self.methods if methods is None else methods, self._edge,
                                self.where)
 
+    def _unrolled_hypergrad(self, node: LevelNode, loss: torch.Tensor
+                            ) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        """When everything below ``node`` is unrolled by it, one backward pass from its loss
+        (computed on the trajectories' ends) gives the total derivative directly."""
+        raw = torch.autograd.grad(loss, node.params, allow_unused=True)
+        lowers = self.unroller.unrolled_by(node.name)
+        if all(g is None for g in raw):
+            raise NoDependencyError(
+                f"the loss of level '{node.name}' ({node.defined_at}) depends on its parameters "
+                f"neither directly nor through the unrolled steps of {', '.join(lowers)}: its "
+                "hypergradient is zero. Read the lower level in its loss, and the upper level "
+                "in the lower's loss (or use init_from).")
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(raw, node.params)]
+        diagnostics: dict[str, Any] = {f"{node.name}->{lower}/unrolled_steps":
+                                       self.unroller.taken.get(lower, 0) for lower in lowers}
+        diagnostics["hypergrad_norm"] = torch.linalg.vector_norm(kernels.flat(grads))
+        return grads, diagnostics
+
     @contextlib.contextmanager
-    def _leaf_fast_weights(self, name: str) -> Iterator[None]:
-        """While ``name``'s hypergradient is taken, its unrolled lowers run on leaf copies of
-        their fast weights: the upper loss's partial derivatives are taken w.r.t. those, and
-        the unroll edge carries them back through the trajectory."""
-        lowers = () if self.unroller is None else self.unroller.unrolled_by(name)
+    def _leaf_fast_weights(self, name: str, override: bool = False) -> Iterator[None]:
+        """With other methods than its own (``override``: a reference in check_hypergrad),
+        ``name``'s unrolled lowers run on leaf copies of their fast weights, so that partial
+        derivatives w.r.t. them exist (the unroll edge carries them back through the
+        trajectory). Its own unrolled hypergradient needs none: one backward pass does it."""
+        lowers = (self.unroller.unrolled_by(name)
+                  if self.unroller is not None and (override or not self.unroller.direct(name))
+                  else ())
         for lower in lowers:
             leaves = self.unroller.leaf_copies(lower)
             self.params[lower] = leaves
@@ -425,7 +449,7 @@ class Interpreter:
         """
         node = self.nodes[name]
         if self.view.below[name]:
-            with self._leaf_fast_weights(name):
+            with self._leaf_fast_weights(name, override=methods is not None):
                 grads, _ = self._hypergrad(node, self.loss_of(name), methods)
         else:
             loss = self.loss_of(name)

@@ -113,6 +113,12 @@ def _check_unrolling(nodes: Sequence[LevelNode]) -> None:
     for node in nodes:
         if not getattr(node.method, "unrolls", False):
             continue
+        if node.uppers:
+            raise errors.InvalidLevelError(
+                f"level '{node.name}' ({node.defined_at}) unrolls the levels below it "
+                f"(grad='unroll') and is itself below {', '.join(node.uppers)}; this version "
+                "differentiates unrolled steps only for a level with nothing above it. Use an "
+                "implicit method (grad='cg') on one of the two edges.")
         for lower in node.lowers:
             low = by_name[lower]
             if low.lowers:

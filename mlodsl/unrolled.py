@@ -4,7 +4,7 @@ through them.
 A level whose upper chose ``grad="unroll"`` trains on *fast weights*: tensors that carry the
 autograd graph of its updates since the upper's previous step. Every level function runs with
 those tensors swapped into the level's module through ``torch.func.functional_call`` on one
-scope module that holds every level's module, so user code that calls its own module (``net(x)``)
+scope module that holds the unrolled levels' modules, so user code that calls its own module (``net(x)``)
 sees them without being changed. Buffers (BatchNorm statistics) are not swapped: they keep
 updating in place on the module and never enter the upper level's gradient.
 """
@@ -29,7 +29,7 @@ _NEEDS_MODULE = (
 
 
 class _Scope(torch.nn.Module):
-    """Every level's module under one root, so one functional_call swaps any of them."""
+    """The unrolled levels' modules under one root, so one functional_call swaps any of them."""
 
     def __init__(self, modules: Mapping[str, torch.nn.Module]) -> None:
         super().__init__()
@@ -56,8 +56,8 @@ class Unroller:
                 raise HypergradError(_NEEDS_MODULE.format(
                     lower=lower, where=node.defined_at, upper=upper,
                     kind=type(node.module).__name__))
-        self.scope = _Scope({n: node.module for n, node in nodes.items()
-                             if isinstance(node.module, torch.nn.Module)})
+        # Only the unrolled levels' modules: functional_call walks the whole scope on each call.
+        self.scope = _Scope({lower: nodes[lower].module for lower in self.upper_of})
         self.names = {lower: _param_names(self.nodes[lower]) for lower in self.upper_of}
         self.fast: dict[str, tuple[torch.Tensor, ...]] = {}
         self.end: dict[str, tuple[torch.Tensor, ...]] = {}
@@ -70,6 +70,12 @@ class Unroller:
         next step of each unrolled level starts afresh from its current parameters."""
         for table in (self.fast, self.end, self.state, self.taken):
             table.clear()
+
+    def direct(self, upper: str) -> bool:
+        """Whether every level below ``upper`` is one it unrolls (then a single backward pass
+        from its loss is its whole hypergradient)."""
+        lowers = self.unrolled_by(upper)
+        return bool(lowers) and set(self.nodes[upper].lowers) == set(lowers)
 
     def unrolled_by(self, upper: str) -> tuple[str, ...]:
         """The levels ``upper`` unrolls."""

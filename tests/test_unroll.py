@@ -350,3 +350,34 @@ def test_loading_a_checkpoint_restarts_unrolled_trajectories_from_the_loaded_wei
     program.load(tmp_path / "two.pt")
     program.run(steps=2)
     assert torch.allclose(capture.grads[2], capture.grads[1], rtol=1e-12, atol=1e-14)
+
+
+def test_check_hypergrad_compares_unroll_with_the_implicit_answer():
+    """Many SGD steps on a strongly convex lower level: unrolling approaches the implicit
+    (exact) hypergradient at the point it reached."""
+    program, _, _ = unrolled_program(lambda p: torch.optim.SGD(p, lr=0.3), 60)
+    program.run(steps=60)  # one full cycle, the upper took its step (its lr is 0)
+    program.run(steps=59)  # the next trajectory, one step short of the next upper update
+    report = ml.check_hypergrad(program, "up", reference="exact")
+    assert report.method == "unroll" and report.relative_error < 1e-6
+
+
+def test_unrolling_below_another_level_is_refused():
+    lows = [torch.nn.Linear(1, 1) for _ in range(3)]
+
+    @ml.level(module=lows[0], optimizer=torch.optim.SGD(lows[0].parameters(), lr=0.1))
+    def low(mid):
+        return (lows[0].weight * mid.weight).sum()
+
+    @ml.level(upper_of="low", grad="unroll", module=lows[1],
+              optimizer=torch.optim.SGD(lows[1].parameters(), lr=0.1))
+    def mid(low, top):
+        return (low.weight * top.weight).sum()
+
+    @ml.level(upper_of="mid", grad="cg", module=lows[2],
+              optimizer=torch.optim.SGD(lows[2].parameters(), lr=0.1))
+    def top(mid):
+        return mid.weight.sum()
+
+    with pytest.raises(InvalidLevelError, match=r"'mid'.*unrolls.*below top"):
+        ml.program(low, mid, top)
