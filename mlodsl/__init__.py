@@ -24,6 +24,7 @@ from mlodsl.validation import EarlyStopping
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "EarlyStopping", "HypergradCheck", "check_hypergrad", "load", "Hook", "History", "Level", "MlodslError", "Program", "Schedule", "TraceError", "errors",
-    "hypergrad", "level", "log", "program", "viz",
+    "check_hypergrad", "CheckpointError", "EarlyStopping", "errors", "History", "Hook",
+    "hypergrad", "HypergradCheck", "level", "Level", "load", "log", "MlodslError", "Program",
+    "program", "Schedule", "TraceError", "viz",
 ]

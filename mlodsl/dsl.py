@@ -139,7 +139,8 @@ def level(
     updates this level has taken so far (0 on its first call), ``epoch`` the completed passes
     over its data, ``global_step`` the current program step (from 1). A parameter with a
     default value that names none of these keeps its default, so a level function can also be
-    run on its own (``def classifier(batch, hpo=fixed_decay)``). It returns a scalar loss tensor, or a dict with a ``"loss"`` key plus metrics.
+    run on its own (``def classifier(batch, hpo=fixed_decay)``). It returns a scalar loss tensor,
+    or a dict with a ``"loss"`` key plus metrics.
 
     Args:
         fn: The loss function (when used as ``@ml.level`` without arguments).

@@ -5,8 +5,8 @@ A level whose upper chose ``grad="unroll"`` trains on *fast weights*: tensors th
 autograd graph of its updates since the upper's previous step. Every level function runs with
 those tensors swapped into the level's module through ``torch.func.functional_call`` on one
 scope module that holds the unrolled levels' modules, so user code that calls its own module
-(``net(x)``) sees them without being changed. Buffers (BatchNorm statistics) are not swapped: they keep
-updating in place on the module and never enter the upper level's gradient.
+(``net(x)``) sees them without being changed. Buffers (BatchNorm statistics) are not swapped:
+they keep updating in place on the module and never enter the upper level's gradient.
 """
 
 from __future__ import annotations

@@ -52,6 +52,7 @@ def resolve_method(grad: str | HypergradMethod) -> HypergradMethod:
 
 
 __all__ = [
-    "DEFAULT", "EdgeProblem", "EdgeResult", "GraphView", "HypergradMethod", "cg", "exact", "finite_diff",
+    "DEFAULT", "EdgeProblem", "EdgeResult", "GraphView", "HypergradMethod", "cg", "exact",
+    "finite_diff",
     "neumann", "resolve_method", "sama", "unroll",
 ]

@@ -33,7 +33,8 @@ _TOO_LARGE = (
 
 _SINGULAR = (
     "grad='exact' on level '{level}': the Jacobian of the optimality conditions of the "
-    "levels below it ('{below}') is singular, so their best response is not locally unique (a loss linear "
+    "levels below it ('{below}') is singular, so their best response is not locally unique (a "
+    "loss linear "
     "in its parameters, a flat direction, or an operation with no second-order rule). Add "
     "regularization to the lower loss, or use grad='finite_diff', which needs only first "
     "derivatives."
