@@ -14,7 +14,6 @@ with the other's model at every switch, which inflates times and ratios.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 
@@ -192,8 +191,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; MLP {IN}-{HIDDEN}-{OUT}, "
           f"batch {BATCH}; median of {args.rounds} alternating rounds of {args.steps} steps")
-    print(f"| method | mlodsl ms/step | hand-written ms/step | ratio |")
-    print(f"|---|---|---|---|")
+    print("| method | mlodsl ms/step | hand-written ms/step | ratio |")
+    print("|---|---|---|---|")
     for method in args.methods:
         ours, theirs, ratio = measure(method, args.rounds, args.steps)
         print(f"| {method} | {ours * 1e3:.3f} | {theirs * 1e3:.3f} | {ratio:.3f}x |")

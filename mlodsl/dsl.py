@@ -7,7 +7,6 @@ nothing global: re-running a notebook cell never duplicates a level.
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass

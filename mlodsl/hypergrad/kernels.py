@@ -7,6 +7,7 @@ to a Hessian-vector product, and it keeps the solvers plain vector algebra.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
