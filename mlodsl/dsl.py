@@ -158,8 +158,10 @@ def level(
             returns a batch, or ``None``.
         inner_steps: Steps each level below takes between two updates of this level.
         init_from: Upper level whose parameters this level restarts from at each of that
-            level's steps (MAML): the upper level must be directly above this one, unroll it
-            (``grad="unroll"``) and have parameters of the same shapes.
+            level's steps: the upper level must be directly above this one and have parameters
+            of the same shapes. With ``grad="unroll"`` on it this is MAML (differentiated
+            through the restart); with an implicit method and a proximal term in this level's
+            loss, iMAML (the parameters are copied, the optimizer state reset).
         tasks: The level's batch is a batch of tasks (a leading task dimension on every tensor):
             with ``init_from``, it adapts on all of them at once with ``torch.func.vmap``, and
             the upper level's loss is evaluated per task and averaged. Level functions are

@@ -95,6 +95,15 @@ class Interpreter(UnrolledSteps):
         self.view = GraphView(params=self.params,
                               below={a.level: a.below for a in self.schedule.actions},
                               loss=self._loss_for_hypergrad)
+        # init_from levels that are not unrolled restart by copying (iMAML); unrolled ones
+        # restart inside the Unroller (MAML).
+        unrolled = set() if self.unroller is None else set(self.unroller.upper_of)
+        self.restarted_by = {n.name: tuple(low for low in n.lowers
+                                           if self.nodes[low].init_from == n.name
+                                           and low not in unrolled) for n in graph.levels}
+        for upper, lowers in self.restarted_by.items():
+            for lower in lowers:
+                self._restart_from(lower, upper)
         self.on_nonfinite = options.get("on_nonfinite") or "raise"
         self.validator = None
         if options.get("validation") is not None:
@@ -250,7 +259,18 @@ class Interpreter(UnrolledSteps):
         if self.unroller is not None:
             for lower in self.unroller.unrolled_by(name):
                 self.unroller.finish(lower)  # the next trajectory starts from here
+        for lower in self.restarted_by[name]:
+            self._restart_from(lower, name)
         return mean_record(records)
+
+    def _restart_from(self, lower: str, upper: str) -> None:
+        """``init_from`` without unrolling (iMAML): ``lower`` starts over from ``upper``'s
+        current parameters, with a fresh optimizer state."""
+        node = self.nodes[lower]
+        with torch.no_grad():
+            for p, source in zip(node.params, self.nodes[upper].params):
+                p.copy_(source)
+        node.optimizer.state.clear()
 
     def _finite(self, value: torch.Tensor, name: str, what: str) -> bool:
         number = value.item()

@@ -146,10 +146,15 @@ def _check_unrolling(nodes: Sequence[LevelNode]) -> None:
                 f"{where}, but no level with that name was traced."
                 f"{errors.did_you_mean(source, by_name)} Traced levels: "
                 f"{errors.listing(by_name)}.")
-        if unrolled_by.get(node.name) != source:
+        if source not in node.uppers:
             raise errors.InvalidLevelError(
-                f"{where}, so '{source}' must be directly above it and unroll it: give "
-                f"'{source}' upper_of='{node.name}' and grad='unroll' (MAML).")
+                f"{where}, so '{source}' must be directly above it: give '{source}' "
+                f"upper_of='{node.name}' (with grad='unroll' for MAML, or an implicit method "
+                "such as grad='cg' with a proximal term in the loss for iMAML).")
+        if node.tasks and unrolled_by.get(node.name) != source:
+            raise errors.InvalidLevelError(
+                f"{where} and tasks=True, which adapts tasks in parallel on unrolled steps: "
+                f"give '{source}' grad='unroll'.")
         shapes = [tuple(p.shape) for p in node.params]
         theirs = [tuple(p.shape) for p in by_name[source].params]
         if shapes != theirs:

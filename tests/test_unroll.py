@@ -381,3 +381,41 @@ def test_unrolling_below_another_level_is_refused():
 
     with pytest.raises(InvalidLevelError, match=r"'mid'.*unrolls.*below top"):
         ml.program(low, mid, top)
+
+
+def test_imaml_restart_with_an_implicit_method():
+    """init_from with grad='exact' and a proximal term: the learner restarts from the meta
+    weights after each meta step, and the meta-gradient is lam (S + lam I)^{-1} Q (phi* - q)."""
+    gen = torch.Generator().manual_seed(4)
+    S = torch.randn(3, 3, generator=gen, dtype=DTYPE)
+    S = S @ S.T / 3 + torch.eye(3, dtype=DTYPE)
+    Q = torch.eye(3, dtype=DTYPE) * 2
+    s, q = torch.randn(3, generator=gen, dtype=DTYPE), torch.randn(3, generator=gen, dtype=DTYPE)
+    lam = 0.5
+    meta_net = torch.nn.Linear(3, 1, bias=False).double()
+    learner_net = torch.nn.Linear(3, 1, bias=False).double()
+    theta = meta_net.weight.detach()[0].clone()
+    capture = Capture()
+
+    @ml.level(module=learner_net, init_from="meta",
+              optimizer=torch.optim.SGD(learner_net.parameters(), lr=0.2))
+    def learner(meta):
+        phi = learner_net.weight[0]
+        return 0.5 * (phi - s) @ S @ (phi - s) + 0.5 * lam * (phi - meta.weight[0]).pow(2).sum()
+
+    @ml.level(upper_of="learner", grad="exact", module=meta_net, inner_steps=300,
+              optimizer=torch.optim.SGD(meta_net.parameters(), lr=0.0))
+    def meta(learner):
+        phi = learner.weight[0]
+        return 0.5 * (phi - q) @ Q @ (phi - q)
+
+    program = ml.program(learner, meta, hooks=[capture], progress=False)
+    assert not torch.equal(learner_net.weight.detach()[0], theta)
+    assert program.steps["program"] == 0  # starting the runtime restarts the learner from theta
+    assert torch.equal(learner_net.weight.detach()[0], theta)
+    program.run(steps=300)
+    shifted = S + lam * torch.eye(3, dtype=DTYPE)
+    phi_star = torch.linalg.solve(shifted, S @ s + lam * theta)
+    expected = lam * torch.linalg.solve(shifted, Q @ (phi_star - q))
+    assert (capture.grads[0].reshape(-1) - expected).norm() / expected.norm() <= 1e-8
+    assert torch.equal(learner_net.weight.detach()[0], theta)  # restarted after the meta step
