@@ -88,10 +88,6 @@ class Interpreter(UnrolledSteps):
         self.unroller = (Unroller(self.nodes, self.methods)
                          if any(getattr(m, "unrolls", False) for m in self.methods.values())
                          else None)
-        if self.unroller is not None:
-            for (upper, lower), edge in self.edges.items():
-                if self.unroller.upper_of.get(lower) == upper:
-                    edge.trajectory = lambda lower=lower: self.unroller.end.get(lower)
         self.view = GraphView(params=self.params,
                               below={a.level: a.below for a in self.schedule.actions},
                               loss=self._loss_for_hypergrad)
@@ -358,7 +354,7 @@ class Interpreter(UnrolledSteps):
                    ) -> tuple[list[torch.Tensor], dict[str, Any]]:
         """``node``'s hypergradient from its ``loss`` (computed inside
         :meth:`_leaf_fast_weights` when it unrolls levels below it)."""
-        if methods is None and self.unroller is not None and self.unroller.direct(node.name):
+        if methods is None and self.unroller is not None and self.unroller.unrolled_by(node.name):
             return self._unrolled_hypergrad(node, loss)
         return total_hypergrad(loss, node.name, self.view, self.lowers,
                                self.methods if methods is None else methods, self._edge,

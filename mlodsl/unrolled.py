@@ -71,12 +71,6 @@ class Unroller:
         for table in (self.fast, self.end, self.state, self.taken):
             table.clear()
 
-    def direct(self, upper: str) -> bool:
-        """Whether every level below ``upper`` is one it unrolls (then a single backward pass
-        from its loss is its whole hypergradient)."""
-        lowers = self.unrolled_by(upper)
-        return bool(lowers) and set(self.nodes[upper].lowers) == set(lowers)
-
     def unrolled_by(self, upper: str) -> tuple[str, ...]:
         """The levels ``upper`` unrolls."""
         return tuple(lower for lower, u in self.upper_of.items() if u == upper)

@@ -102,15 +102,12 @@ class UnrolledSteps:
     def _leaf_fast_weights(self, name: str, override: bool = False) -> Iterator[None]:
         """With other methods than its own (``override``: a reference in check_hypergrad),
         ``name``'s unrolled lowers run on leaf copies of their fast weights, so that partial
-        derivatives w.r.t. them exist (the unroll edge carries them back through the
-        trajectory). Its own unrolled hypergradient needs none: one backward pass does it."""
-        lowers = (self.unroller.unrolled_by(name)
-                  if self.unroller is not None and (override or not self.unroller.direct(name))
-                  else ())
+        derivatives w.r.t. them exist for those methods. Its own unrolled hypergradient needs
+        none: one backward pass through the trajectories does it."""
+        lowers = self.unroller.unrolled_by(name) if self.unroller is not None and override else ()
         for lower in lowers:
             leaves = self.unroller.leaf_copies(lower)
             self.params[lower] = leaves
-            self.edges[(name, lower)].state["unrolled_steps"] = self.unroller.taken.get(lower, 0)
         try:
             yield
         finally:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,18 +230,25 @@ def dot_source(nodes: Sequence[NodeView], edges: Sequence[EdgeView], direction: 
         '  edge [color="#4a6fa5", fontname="Helvetica", fontsize=10];',
     ]
     for node in nodes:
-        rows = [f"<b>{_html(node.name)}</b>"]
-        if detail == "full":
-            rows += [_html(line) for line in _about(node)]
-        live = _live(node, detail)
-        if live:
-            rows.append(f'<font color="#1f5fa8">{_html(", ".join(live))}</font>')
+        rows = _node_rows(node, detail, _html, live_style='<font color="#1f5fa8">{}</font>')
         lines.append(f'  "{node.name}" [label=<{"<br/>".join(rows)}>];')
     for edge in edges:
         label = "<br/>".join(_html(line) for line in _edge_label(edge, detail))
         lines.append(f'  "{edge.upper}" -> "{edge.lower}" [label=<{label}>];')
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _node_rows(node: NodeView, detail: str, escape: Callable[[str], str],
+               live_style: str = "{}") -> list[str]:
+    """A node's label lines (name, description, live figures), escaped for one format."""
+    rows = [f"<b>{escape(node.name)}</b>"]
+    if detail == "full":
+        rows += [escape(line) for line in _about(node)]
+    live = _live(node, detail)
+    if live:
+        rows.append(live_style.format(escape(", ".join(live))))
+    return rows
 
 
 def _mermaid_id(name: str) -> str:
@@ -257,12 +264,7 @@ def mermaid_source(nodes: Sequence[NodeView], edges: Sequence[EdgeView], directi
     """The graph as a Mermaid flowchart (paste into Markdown inside a ```mermaid block)."""
     lines = [f"flowchart {direction}"]
     for node in nodes:
-        rows = [f"<b>{_mermaid_text(node.name)}</b>"]
-        if detail == "full":
-            rows += [_mermaid_text(line) for line in _about(node)]
-        live = _live(node, detail)
-        if live:
-            rows.append(_mermaid_text(", ".join(live)))
+        rows = _node_rows(node, detail, _mermaid_text)
         lines.append(f'    {_mermaid_id(node.name)}["{"<br/>".join(rows)}"]')
     for edge in edges:
         label = "<br/>".join(_mermaid_text(line) for line in _edge_label(edge, detail))

@@ -33,8 +33,6 @@ class EdgeProblem:
             current batch, with autograd recording.
         lower_optimizer: The lower level's optimizer (its state preconditions ``sama``).
         lower_module: The lower level's module (forward-mode HVPs swap its parameters).
-        trajectory: For unrolled lower levels, returns the end of the differentiable
-            trajectory of its parameters (``None`` before it has one).
         state: Persists across outer steps for this edge (warm starts, eigenvalue caches).
     """
 
@@ -45,7 +43,6 @@ class EdgeProblem:
     lower_loss: Callable[[], torch.Tensor]
     lower_optimizer: torch.optim.Optimizer | None = None
     lower_module: Any = None
-    trajectory: Callable[[], tuple[torch.Tensor, ...] | None] | None = None
     state: dict[str, Any] = field(default_factory=dict)
 
 
@@ -82,12 +79,14 @@ class GraphView:
 class HypergradMethod(Protocol):
     """A hypergradient method: a small immutable object named after its maths.
 
-    It implements one of two forms. An *edge* method is called once per edge with ``v``, the
+    It implements one of three forms. An *edge* method is called once per edge with ``v``, the
     total derivative of the upper objective w.r.t. the lower level's parameters, and returns
     ``(d w_lower* / d w_upper)^T v`` (``__call__(edge, v) -> EdgeResult``). A *joint* method
     handles everything below the level at once (``joint(view, upper, partials)``, given the
     partial derivatives of the upper objective w.r.t. every level below), as ``exact`` does to
-    give the true total derivative at any depth.
+    give the true total derivative at any depth. An *unrolling* method (``unrolls = True``)
+    makes the interpreter take the lower levels' steps differentiably and backpropagate
+    through them.
     """
 
     name: str
@@ -96,4 +95,5 @@ class HypergradMethod(Protocol):
 def is_method(obj: Any) -> bool:
     """Whether ``obj`` implements either form of :class:`HypergradMethod`."""
     return isinstance(getattr(obj, "name", None), str) and (
-        callable(obj) or callable(getattr(obj, "joint", None)))
+        callable(obj) or callable(getattr(obj, "joint", None))
+        or getattr(obj, "unrolls", False) is True)

@@ -5,20 +5,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from mlodsl.hypergrad import kernels
-from mlodsl.hypergrad.base import EdgeProblem, EdgeResult
-
 
 @dataclass(frozen=True)
 class Unroll:
-    """``(d w_K / d lam)^T v`` by backpropagating through the ``K`` optimizer steps the lower
-    level took since the upper level's previous update.
+    """Backpropagation through the ``K`` optimizer steps the lower level took since the upper
+    level's previous update.
 
-    The interpreter takes those steps functionally (parameters as tensors, the lower optimizer's
-    differentiable twin, the module run through ``torch.func.functional_call``) when a level's
-    upper chose this method; ``unrolls`` tells it to.
+    Unlike the implicit methods this is not a per-edge rule: ``unrolls`` tells the interpreter
+    to take the lower level's steps functionally (parameters as tensors, the lower optimizer's
+    differentiable twin, the module run through ``torch.func.functional_call``), after which
+    one backward pass from the upper loss gives the whole hypergradient.
     """
 
     steps: int | None = None
@@ -26,15 +22,6 @@ class Unroll:
     checkpoint: bool = False
     name: str = "unroll"
     unrolls: bool = True
-
-    def __call__(self, edge: EdgeProblem, v: torch.Tensor) -> EdgeResult:
-        end = edge.trajectory() if edge.trajectory is not None else None
-        if end is None or not any(t.requires_grad for t in end):
-            return EdgeResult(None, {"unrolled_steps": 0})
-        grads = torch.autograd.grad(end, edge.upper_params, grad_outputs=kernels.unflat(v, end),
-                                    allow_unused=True)
-        return EdgeResult(kernels.flat_or_zeros(grads, edge.upper_params),
-                          {"unrolled_steps": edge.state.get("unrolled_steps", 0)})
 
 
 def unroll(*, steps: int | None = None, first_order: bool = False,
