@@ -180,16 +180,24 @@ def check_same_meta_gradient(pool, tolerance: float = 1e-5) -> float:
     return worst
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=25, help="tasks per meta-step (25)")
     parser.add_argument("--shots", type=int, default=10, help="support (= query) points (10)")
     parser.add_argument("--rounds", type=int, default=30, help="alternating rounds (30)")
     parser.add_argument("--block", type=int, default=10, help="meta-steps per block (10)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        report(args)
+    finally:
+        torch.set_num_threads(threads)  # run_all.py runs the next benchmark in this process
 
+
+def report(args: argparse.Namespace) -> None:
+    """Check, time and print the table."""
     pool = make_tasks(args.tasks, args.shots)
     worst = check_same_meta_gradient(pool)
     steppers = {label: make(pool)[0] for label, make in IMPLEMENTATIONS.items()}
@@ -207,7 +215,8 @@ def main() -> None:
     loop = ms["per-task loop, monkey-patching style"]
     print(f"MAML meta-step, {args.tasks} tasks x {args.shots}+{args.shots} points, MLP "
           f"1-{HIDDEN}-{HIDDEN}-1, one inner SGD step, {args.threads} thread(s); median of "
-          f"{args.rounds} alternating blocks of {args.block} steps")
+          f"{args.rounds} alternating blocks of {args.block} steps.")
+    print()
     print(f"same meta-gradient on the same tasks: max abs difference {worst:.2g} (<= 1e-5)")
     print()
     print("| implementation | ms / meta-step | vs floor |")

@@ -6,9 +6,17 @@ method. Both sides start from identical weights and see identical batches; round
 between them in one process so drift in machine speed hits both. Prints the median ratio.
 
     python benchmarks/overhead.py [--rounds 60] [--steps 20] [--methods finite_diff cg neumann]
+                                  [--warmup 10]
 
 Blocks of 20 steps alternate: much shorter blocks make both sides pay for refilling caches
 with the other's model at every switch, which inflates times and ratios.
+
+Peak memory: the most tensor memory alive at once during one bilevel step, above what was alive
+before it (parameters, optimizer state), read from ``torch.profiler``'s allocation events. On
+CPU neither ``tracemalloc`` (it sees Python's allocator, not torch's) nor the process's peak
+resident size (hundreds of MiB of libraries and allocator caching around a few MiB of tensors,
+and it only ever grows) can tell the methods apart; the profiler's events are torch's own
+accounting of every tensor allocation and free, so the figure is exact and repeatable.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 import mlodsl as ml
 
@@ -160,11 +169,13 @@ def manual_stepper(method: str, batches, val):
     return run, net
 
 
-def measure(method: str, rounds: int, steps: int) -> tuple[float, float, float]:
+def measure(method: str, rounds: int, steps: int, warmup: int = 10) -> dict[str, float | str]:
+    """Median ms/step of both sides and their ratio over alternating rounds, then the peak
+    memory of one more step of each."""
     batches, val = make_data()
     ours, net_a = mlodsl_stepper(method, batches, val)
     theirs, net_b = manual_stepper(method, batches, val)
-    ours(10), theirs(10)  # warm up allocators and autograd caches
+    ours(warmup), theirs(warmup)  # warm up allocators and autograd caches
     ratios, t_ours, t_theirs = [], [], []
     for r in range(rounds):
         order = (ours, theirs) if r % 2 == 0 else (theirs, ours)
@@ -176,27 +187,59 @@ def measure(method: str, rounds: int, steps: int) -> tuple[float, float, float]:
         t_ours.append(times[ours] / steps)
         t_theirs.append(times[theirs] / steps)
         ratios.append(times[ours] / times[theirs])
+    # Optimizer state and caches exist by now, so the measured step is a steady-state one.
+    mem_ours, mem_theirs = peak_step_bytes(ours), peak_step_bytes(theirs)
     same = all(torch.allclose(a, b, rtol=1e-4, atol=1e-6)
                for a, b in zip(net_a.parameters(), net_b.parameters()))
     if not same:
         raise SystemExit(f"{method}: mlodsl and the hand-written loop diverged; not the same maths")
-    return statistics.median(t_ours), statistics.median(t_theirs), statistics.median(ratios)
+    return {"method": method, "mlodsl_ms": statistics.median(t_ours) * 1e3,
+            "manual_ms": statistics.median(t_theirs) * 1e3, "ratio": statistics.median(ratios),
+            "mlodsl_peak_mib": mem_ours / 2**20, "manual_peak_mib": mem_theirs / 2**20}
 
 
-def main() -> None:
+def peak_step_bytes(run) -> int:
+    """Most tensor bytes alive at once during ``run(1)``, counting only tensors it allocates.
+
+    Sums the profiler's allocation (+) and free (-) events in time order; tensors that existed
+    before (parameters, optimizer state) are the baseline and do not count.
+    """
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run(1)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    alive = peak = 0
+    for _, nbytes in events:
+        alive += nbytes
+        peak = max(peak, alive)
+    return peak
+
+
+def rows(methods=("finite_diff", "cg", "neumann"), rounds: int = 60, steps: int = 20,
+         warmup: int = 10) -> list[dict[str, float | str]]:
+    """One row per method: times (ms/step), their ratio, and peak step memory (MiB)."""
+    return [measure(method, rounds, steps, warmup) for method in methods]
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--methods", nargs="+", default=["finite_diff", "cg", "neumann"])
-    args = parser.parse_args()
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (10)")
+    args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; MLP {IN}-{HIDDEN}-{OUT}, "
-          f"batch {BATCH}; median of {args.rounds} alternating rounds of {args.steps} steps")
-    print("| method | mlodsl ms/step | hand-written ms/step | ratio |")
-    print("|---|---|---|---|")
-    for method in args.methods:
-        ours, theirs, ratio = measure(method, args.rounds, args.steps)
-        print(f"| {method} | {ours * 1e3:.3f} | {theirs * 1e3:.3f} | {ratio:.3f}x |")
-
+          f"batch {BATCH}; median of {args.rounds} alternating rounds of {args.steps} steps; "
+          "peak memory: most tensor memory alive at once during one step, above what was alive "
+          "before it (torch.profiler allocation events)")
+    print()
+    print("| method | mlodsl ms/step | hand-written ms/step | ratio "
+          "| mlodsl peak MiB | hand-written peak MiB |")
+    print("|---|---|---|---|---|---|")
+    for row in rows(args.methods, args.rounds, args.steps, args.warmup):
+        print(f"| {row['method']} | {row['mlodsl_ms']:.3f} | {row['manual_ms']:.3f} "
+              f"| {row['ratio']:.3f}x | {row['mlodsl_peak_mib']:.2f} "
+              f"| {row['manual_peak_mib']:.2f} |")
 
 if __name__ == "__main__":
     main()

@@ -2,7 +2,10 @@
 
 Each configuration runs in its own process (peak resident memory only grows), unrolling an MLP
 lower level (64-256-256-10, batch 256) for K steps of SGD under a learned weight decay, then
-taking one hypergradient. Prints the peak resident set size above the process's baseline.
+taking one hypergradient. Prints the peak resident set size above the process's baseline
+(here the resident size is the right measure: the graph of K unrolled steps is tens to
+hundreds of MiB, far above the noise of the interpreter and allocator). The child processes
+run two at a time.
 
     python benchmarks/unroll_memory.py [--steps 5 20 80]
 """
@@ -10,9 +13,11 @@ taking one hypergradient. Prints the peak resident set size above the process's 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 
 def child(steps: int, checkpoint: bool) -> None:
@@ -44,21 +49,29 @@ def child(steps: int, checkpoint: bool) -> None:
     print((peak - base) / 1024)  # KiB -> MiB on Linux
 
 
-def main() -> None:
+def peak_mib(steps: int, checkpoint: bool) -> float:
+    """Peak resident MiB above baseline of one configuration, in a fresh process."""
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", str(steps),
+                          str(int(checkpoint))], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def rows(steps: list[int]) -> list[tuple[int, float, float]]:
+    """(unrolled steps, peak MiB plain, peak MiB with checkpoint=True) per entry of ``steps``."""
+    configs = [(k, checkpoint) for k in steps for checkpoint in (False, True)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        peaks = list(pool.map(lambda c: peak_mib(*c), configs))
+    return [(k, peaks[2 * i], peaks[2 * i + 1]) for i, k in enumerate(steps)]
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[5, 20, 80])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print("| unrolled steps | peak MiB, plain | peak MiB, checkpoint=True |")
     print("|---|---|---|")
-    for steps in args.steps:
-        cells = []
-        for checkpoint in (False, True):
-            out = subprocess.run([sys.executable, __file__, "--child", str(steps),
-                                  str(int(checkpoint))], capture_output=True, text=True,
-                                 check=True)
-            cells.append(f"{float(out.stdout.strip()):.0f}")
-        print(f"| {steps} | {cells[0]} | {cells[1]} |")
-
+    for steps, plain, checkpointed in rows(args.steps):
+        print(f"| {steps} | {plain:.0f} | {checkpointed:.0f} |")
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
