@@ -146,8 +146,9 @@ def level(
         name: The level's name; defaults to the function's name.
         upper_of: Name or names of the level(s) this level sits directly above.
         grad: How this level's hypergradient through each level below it is computed: a name
-            (``"cg"``, ``"neumann"``, ``"finite_diff"``/``"darts"``, ``"exact"``) or a method
-            object from ``ml.hypergrad``. Defaults to ``"cg"`` for levels with lowers.
+            (``"cg"``, ``"neumann"``, ``"finite_diff"``/``"darts"``, ``"sama"``, ``"exact"``,
+            ``"unroll"``) or a method object from ``ml.hypergrad``. Defaults to ``"cg"`` for
+            levels with lowers.
         module: What this level trains: an ``nn.Module``, a tensor parameter, or a list/dict of
             parameters.
         optimizer: A ``torch.optim.Optimizer`` over the module's parameters, or a callable

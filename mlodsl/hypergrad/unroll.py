@@ -40,7 +40,8 @@ def unroll(*, steps: int | None = None, first_order: bool = False,
         first_order: Treat the lower gradients as constants (first-order MAML): no second-order
             graph, no dependence of the lower gradients on this level's parameters.
         checkpoint: Recompute each unrolled step in the backward pass (non-reentrant
-            activation checkpointing), so memory stays flat as the number of steps grows.
+            activation checkpointing): a step's activations are not kept, only its
+            parameters, so memory grows more slowly with the number of steps.
     """
     if steps is not None and steps < 1:
         raise ValueError(f"unroll steps must be a positive integer or None, got {steps}")
