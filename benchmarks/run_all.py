@@ -4,13 +4,13 @@
     python benchmarks/run_all.py --quick          # tiny sizes: a smoke test, figures meaningless
     python benchmarks/run_all.py --only overhead maml_vmap --out /tmp/bench.md
 
-Each benchmark is a script in this folder with a ``main(argv)`` that prints Markdown: a line or
-two saying what was run, then its tables. ``BENCHMARKS`` lists them with the page's title and
-description for each and the arguments of a full and of a quick run. To add a benchmark, write
-its script that way and add one entry. The scripts run one after another in this process (each
-restores any global torch setting it changes); a script that needs a fresh process per
-configuration (peak resident memory only grows) starts its own children, as
-``unroll_memory.py`` does.
+Each benchmark is a script in this folder with a ``main(argv)`` (or a ``main()`` that parses
+``sys.argv``) that prints Markdown: a line or two saying what was run, then its tables.
+``BENCHMARKS`` lists them with the page's title and description for each and the arguments of
+a full and of a quick run. To add a benchmark, write its script that way and add one entry.
+The scripts run one after another in this process (each restores any global torch setting it
+changes); a script that needs a fresh process per configuration (peak resident memory only
+grows) starts its own children, as ``unroll_memory.py`` does.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import datetime
 import importlib.util
+import inspect
 import io
 import os
 import platform
@@ -121,10 +122,18 @@ def run_one(bench: Benchmark, quick: bool) -> tuple[str, float]:
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # as a normal import would (dataclasses look it up)
     spec.loader.exec_module(module)
+    args = list(bench.quick if quick else bench.full)
     out = io.StringIO()
     start = time.perf_counter()
     with contextlib.redirect_stdout(out):
-        module.main(list(bench.quick if quick else bench.full))
+        if inspect.signature(module.main).parameters:
+            module.main(args)
+        else:  # a script whose main() reads sys.argv itself
+            saved, sys.argv = sys.argv, [str(path), *args]
+            try:
+                module.main()
+            finally:
+                sys.argv = saved
     return out.getvalue().strip(), time.perf_counter() - start
 
 

@@ -54,3 +54,27 @@ def test_a_failing_benchmark_is_reported_and_fails_the_run(tmp_path, monkeypatch
     page = tmp_path / "benchmarks.md"
     assert run_all.main(["--quick", "--out", str(page)]) == 1
     assert "## Broken" in page.read_text() and "failed" in page.read_text()
+
+
+def test_a_new_benchmark_plugs_in_with_one_entry(tmp_path, monkeypatch):
+    """Scripts with main(argv) and with a main() that reads sys.argv both work."""
+    run_all = load_run_all()
+    (tmp_path / "with_argv.py").write_text(
+        "def main(argv):\n    print('| size |\\n|---|\\n| ' + argv[-1] + ' |')\n")
+    (tmp_path / "reads_sys_argv.py").write_text(
+        "import sys\n\ndef main():\n    print('| size |\\n|---|\\n| ' + sys.argv[-1] + ' |')\n")
+    monkeypatch.setattr(run_all, "HERE", tmp_path)
+    monkeypatch.setattr(run_all, "BENCHMARKS", (
+        run_all.Benchmark("with_argv", "First", "about it", full=("--n", "1000"),
+                          quick=("--n", "7")),
+        run_all.Benchmark("reads_sys_argv", "Second", "about it", quick=("--n", "8")),
+    ))
+    page = tmp_path / "page.md"
+    assert run_all.main(["--quick", "--out", str(page)]) == 0
+    text = page.read_text()
+    assert "## First" in text and "| 7 |" in text
+    assert "`python benchmarks/with_argv.py --n 7`" in text        # the command to reproduce
+    assert "## Second" in text and "| 8 |" in text
+    assert run_all.main(["--out", str(page), "--only", "with_argv"]) == 0
+    text = page.read_text()
+    assert "| 1000 |" in text and "## Second" not in text and "Smoke run" not in text
