@@ -42,7 +42,7 @@ class UnrolledSteps:
             records[:] = fresh
             return losses[0] if len(losses) == 1 else sum(losses) / len(losses)
 
-        position, count = self.unroller.taken.get(name, 0), every[upper] // every[name]
+        position, count = self.unroller.since.get(name, 0), every[upper] // every[name]
         if node.tasks:
             def loss_for(task: Any) -> torch.Tensor:
                 return self._evaluate(node, task, per_task=True)[0]
@@ -55,9 +55,16 @@ class UnrolledSteps:
         if not self._finite(loss, name, "loss"):
             return self._skip(mean_record(records))
         self.committed = True
+        record = mean_record(records)
+        lowers = self.unroller.unrolled_by(name)
+        if lowers:  # nested: this step's gradient went through the steps of the levels below
+            record["hypergrad_norm"] = self.unroller.grad_norm[name]
+            record.update({f"{name}->{lower}/unrolled_steps": self.unroller.since.get(lower, 0)
+                           for lower in lowers})
+            self.unroller.upper_stepped(name)
         if self.global_step <= self.nodes[upper].warmup:
             self.unroller.finish(name)  # the upper is warming up: nothing to differentiate yet
-        return mean_record(records)
+        return record
 
     def _evaluate_upper(self, node: LevelNode, batch: Any, context: str = ""
                         ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -84,7 +91,13 @@ class UnrolledSteps:
                             ) -> tuple[list[torch.Tensor], dict[str, Any]]:
         """When everything below ``node`` is unrolled by it, one backward pass from its loss
         (computed on the trajectories' ends) gives the total derivative directly."""
-        raw = torch.autograd.grad(loss, node.params, allow_unused=True)
+        # A level that is itself unrolled (nested) differentiates w.r.t. its fast weights, which
+        # its lowers' steps read. The graph is kept: it belongs to the trajectories, which are
+        # finished (dropped) only at this level's update; an inspection must not free it.
+        unroller = self.unroller
+        targets = (unroller.fast[node.name] if node.name in unroller.upper_of
+                   and node.name in unroller.fast else node.params)
+        raw = torch.autograd.grad(loss, targets, retain_graph=True, allow_unused=True)
         lowers = self.unroller.unrolled_by(node.name)
         if all(g is None for g in raw):
             raise NoDependencyError(
@@ -92,19 +105,22 @@ class UnrolledSteps:
                 f"neither directly nor through the unrolled steps of {', '.join(lowers)}: its "
                 "hypergradient is zero. Read the lower level in its loss, and the upper level "
                 "in the lower's loss (or use init_from).")
-        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(raw, node.params)]
+        grads = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(raw, node.params)]
         diagnostics: dict[str, Any] = {f"{node.name}->{lower}/unrolled_steps":
-                                       self.unroller.taken.get(lower, 0) for lower in lowers}
+                                       self.unroller.since.get(lower, 0) for lower in lowers}
         diagnostics["hypergrad_norm"] = torch.linalg.vector_norm(kernels.flat(grads))
         return grads, diagnostics
 
     @contextlib.contextmanager
     def _leaf_fast_weights(self, name: str, override: bool = False) -> Iterator[None]:
-        """With other methods than its own (``override``: a reference in check_hypergrad),
-        ``name``'s unrolled lowers run on leaf copies of their fast weights, so that partial
-        derivatives w.r.t. them exist for those methods. Its own unrolled hypergradient needs
-        none: one backward pass through the trajectories does it."""
-        lowers = self.unroller.unrolled_by(name) if self.unroller is not None and override else ()
+        """With other methods than unrolling (``override``: a reference in check_hypergrad, or
+        an implicit method of its own over a level that unrolls), the unrolled levels below
+        ``name`` run on leaf copies of their fast weights, so that partial derivatives w.r.t.
+        them exist for those methods. Its own unrolled hypergradient needs none: one backward
+        pass through the trajectories does it."""
+        lowers: tuple[str, ...] = ()
+        if self.unroller is not None and (override or not self.unroller.unrolled_by(name)):
+            lowers = tuple(low for low in self.view.below[name] if low in self.unroller.upper_of)
         for lower in lowers:
             leaves = self.unroller.leaf_copies(lower)
             self.params[lower] = leaves

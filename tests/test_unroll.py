@@ -362,25 +362,59 @@ def test_check_hypergrad_compares_unroll_with_the_implicit_answer():
     assert report.method == "unroll" and report.relative_error < 1e-6
 
 
-def test_unrolling_below_another_level_is_refused():
+def three_linear_levels(grad_top, grad_mid, top_reads_low=False, tasks=False):
+    """top -> mid -> low on 1x1 Linear modules."""
     lows = [torch.nn.Linear(1, 1) for _ in range(3)]
 
-    @ml.level(module=lows[0], optimizer=torch.optim.SGD(lows[0].parameters(), lr=0.1))
+    @ml.level(module=lows[0], optimizer=torch.optim.SGD(lows[0].parameters(), lr=0.1),
+              tasks=tasks, init_from="mid" if tasks else None)
     def low(mid):
-        return (lows[0].weight * mid.weight).sum()
+        return (lows[0].weight * mid.weight).sum() + sum(p.pow(2).sum()
+                                                         for p in lows[0].parameters())
 
-    @ml.level(upper_of="low", grad="unroll", module=lows[1],
+    @ml.level(upper_of="low", grad=grad_mid, module=lows[1],
               optimizer=torch.optim.SGD(lows[1].parameters(), lr=0.1))
     def mid(low, top):
-        return (low.weight * top.weight).sum()
+        own = lows[1].weight
+        return ((low.weight + top.weight) * own).sum() + sum(p.pow(2).sum()
+                                                             for p in lows[1].parameters())
 
-    @ml.level(upper_of="mid", grad="cg", module=lows[2],
+    @ml.level(upper_of="mid", grad=grad_top, module=lows[2],
               optimizer=torch.optim.SGD(lows[2].parameters(), lr=0.1))
-    def top(mid):
+    def top(mid, low):
+        return mid.weight.sum() + low.weight.sum()
+
+    @ml.level(upper_of="mid", grad=grad_top, module=lows[2], name="top",
+              optimizer=torch.optim.SGD(lows[2].parameters(), lr=0.1))
+    def top_reads_mid(mid):
         return mid.weight.sum()
 
-    with pytest.raises(InvalidLevelError, match=r"'mid'.*unrolls.*below top"):
-        ml.program(low, mid, top)
+    return ml.program(low, mid, top if top_reads_low else top_reads_mid)
+
+
+@pytest.mark.parametrize("grad_top,grad_mid,options,match", [
+    # top's edge-by-edge chain rule would need d low*/d mid from an unrolled edge
+    ("cg", "unroll", {"top_reads_low": True},
+     r"'top'.*grad='cg'.*reads 'low', which 'mid' unrolls.*grad='unroll' on 'top'"),
+    # differentiating through mid's implicit hypergradient is not supported
+    ("unroll", "cg", {}, r"'top'.*unrolls 'mid'.*'mid' computes its own hypergradient through "
+                         r"'low' with grad='cg'.*grad='unroll' on 'mid' too"),
+    (ml.hypergrad.unroll(checkpoint=True), "unroll", {},
+     r"'top'.*unrolls 'mid', which unrolls 'low'.*'top' asks for checkpoint=True"),
+    ("unroll", ml.hypergrad.unroll(checkpoint=True), {}, r"'mid' asks for checkpoint=True"),
+    ("unroll", "unroll", {"tasks": True}, r"nested unrolling.*tasks=True on 'low'"),
+])
+def test_unsupported_unrolling_at_depth_is_refused(grad_top, grad_mid, options, match):
+    with pytest.raises(InvalidLevelError, match=match):
+        three_linear_levels(grad_top, grad_mid, **options)
+
+
+@pytest.mark.parametrize("grad_top", ["unroll", "exact", "cg"])
+def test_a_level_that_unrolls_may_have_an_upper(grad_top):
+    """Nested unrolling, or a joint method, or an edge method that does not read low."""
+    program = three_linear_levels(grad_top, "unroll", top_reads_low=grad_top != "cg")
+    program.run(steps=2)
+    assert program.steps["top"] == 2
 
 
 def test_imaml_restart_with_an_implicit_method():
