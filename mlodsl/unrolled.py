@@ -171,10 +171,12 @@ class Unroller:
         current = self.fast[lower]
         if not window and not nested:  # outside the truncation window: no graph back to these
             current = tuple(t.detach().requires_grad_() for t in current)
-        elif self.upper_of[lower] in self.upper_of:
-            # Nested: the unrolled level above took steps that read these tensors, so they are
-            # ancestors of its fast weights, which this loss also reads. A gradient w.r.t. them
-            # would count that path too; one w.r.t. a fresh alias counts only this step's uses.
+        elif self.upper_of[lower] in self.upper_of or node.init_from is not None:
+            # These tensors may also reach this loss another way: nested, the unrolled level
+            # above took steps that read them, so they are ancestors of its fast weights; with
+            # init_from, a new episode starts on the upper's own tensors. A gradient w.r.t.
+            # them would count those paths too; one w.r.t. a fresh alias counts only this
+            # level's own use of its parameters.
             current = tuple(t.view_as(t) for t in current)
         keys, state = _flatten_state(self.state[lower])
         out_keys: list[list[str]] = []  # the state's layout after the step (deterministic)

@@ -453,3 +453,35 @@ def test_imaml_restart_with_an_implicit_method():
     expected = lam * torch.linalg.solve(shifted, Q @ (phi_star - q))
     assert (capture.grads[0].reshape(-1) - expected).norm() / expected.norm() <= 1e-8
     assert torch.equal(learner_net.weight.detach()[0], theta)  # restarted after the meta step
+
+
+def test_maml_learner_reading_the_meta_parameters_differentiates_only_its_own():
+    """The learner starts an episode on the meta tensors themselves, and its loss also reads
+    them (M theta): its inner gradient is w.r.t. phi at fixed theta, S(phi - s) + M theta, not
+    the total derivative along phi = theta (which would add M' theta)."""
+    gen = torch.Generator().manual_seed(6)
+    S = torch.randn(3, 3, generator=gen, dtype=DTYPE)
+    S = S @ S.T / 3 + torch.eye(3, dtype=DTYPE)
+    M = torch.randn(3, 3, generator=gen, dtype=DTYPE)
+    s, q = torch.randn(3, generator=gen, dtype=DTYPE), torch.randn(3, generator=gen, dtype=DTYPE)
+    meta_net = torch.nn.Linear(3, 1, bias=False).double()
+    learner_net = torch.nn.Linear(3, 1, bias=False).double()
+    theta, lr = meta_net.weight.detach()[0].clone(), 0.2
+    capture = Capture()
+
+    @ml.level(module=learner_net, init_from="meta",
+              optimizer=torch.optim.SGD(learner_net.parameters(), lr=lr))
+    def learner(meta):
+        phi = learner_net.weight[0]
+        return 0.5 * (phi - s) @ S @ (phi - s) + phi @ (M @ meta.weight[0])
+
+    @ml.level(upper_of="learner", grad="unroll", module=meta_net,
+              optimizer=torch.optim.SGD(meta_net.parameters(), lr=0.0))
+    def meta(learner):
+        return 0.5 * (learner.weight[0] - q).pow(2).sum()
+
+    ml.program(learner, meta, hooks=[capture], progress=False).run(steps=1)
+    phi = theta - lr * (S @ (theta - s) + M @ theta)
+    expected = (torch.eye(3, dtype=DTYPE) - lr * (S + M)).T @ (phi - q)
+    assert torch.allclose(learner_net.weight.detach()[0], phi, atol=1e-14)
+    assert (capture.grads[0].reshape(-1) - expected).norm() / expected.norm() <= 1e-10
