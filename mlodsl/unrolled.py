@@ -65,12 +65,13 @@ class Unroller:
         self.taken: dict[str, int] = {}
         self.since: dict[str, int] = {}  # steps since the unrolling upper's last update
         self.grad_norm: dict[str, torch.Tensor] = {}  # of each level's latest unrolled step
+        self.restart_due: set[str] = set()  # init_from levels to restart at their next step
         self.optimizers: dict[str, Any] = {}
 
     def reset(self) -> None:
         """Forget every trajectory (after parameters were replaced, e.g. by a checkpoint): the
         next step of each unrolled level starts afresh from its current parameters."""
-        for table in (self.fast, self.end, self.state, self.taken, self.since):
+        for table in (self.fast, self.end, self.state, self.taken, self.since, self.restart_due):
             table.clear()
 
     def unrolled_by(self, upper: str) -> tuple[str, ...]:
@@ -123,6 +124,7 @@ class Unroller:
         self.fast[lower] = self.end[lower] = start
         self.state.pop(lower, None)  # fresh (init_from) or re-read from the real optimizer
         self.taken[lower] = self.since[lower] = 0
+        self.restart_due.discard(lower)
 
     def _ensure_fast(self, level: str) -> None:
         """Give ``level`` fast weights if it has none yet; first those of the levels that
@@ -136,10 +138,11 @@ class Unroller:
     def upper_stepped(self, upper: str) -> None:
         """``upper``, itself unrolled, took a functional step (nested unrolling): the levels it
         unrolls begin a new window, but keep their graph, which the level above ``upper``
-        differentiates through. An ``init_from`` level restarts from ``upper``'s new weights."""
+        differentiates through. An ``init_from`` level restarts from ``upper``'s new weights at
+        its next step (until then, levels above read where its episode ended)."""
         for lower in self.unrolled_by(upper):
             if self.nodes[lower].init_from == upper:
-                self.restart(lower)
+                self.restart_due.add(lower)
             self.since[lower] = 0
 
     def cut(self, upper: str) -> None:
@@ -160,6 +163,8 @@ class Unroller:
         node = self.nodes[lower]
         method = self._method(lower)
         self._ensure_fast(lower)
+        if lower in self.restart_due:
+            self.restart(lower)
         nested = bool(self.unrolled_by(lower))
         optimizer = self._optimizer(lower)
         if lower not in self.state:

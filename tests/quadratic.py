@@ -194,18 +194,20 @@ def nonlinear_chain3_program(seed: int = 1, grad_top="exact", grad_mid="exact", 
 def chain3_modules_program(q: Chain3, grad_top="unroll", grad_mid="unroll",
                            lrs=(0.39, 0.21, 0.0), inner_steps=(1, 1), nonlinear: bool = False,
                            momentum: float = 0.0, top_reads_low: bool = True,
-                           mid_options=None, top_options=None, **options):
+                           low_options=None, mid_options=None, top_options=None, **options):
     """``make_chain3``'s problem with ``low`` and ``mid`` holding their tensors in
     ``ParameterList`` modules (what ``grad="unroll"`` swaps), read through them. ``lrs``: the
     SGD learning rates of low, mid and top; ``inner_steps``: mid's and top's. ``nonlinear``
     adds the quartic and tanh terms of :func:`nonlinear_chain3_program` (third derivatives);
     ``momentum`` is low's and mid's SGD momentum. With ``top_reads_low=False`` the top loss
-    reads only ``mid``. ``mid_options`` and ``top_options``: more ``@ml.level`` arguments."""
+    reads only ``mid``. ``low_options``, ``mid_options``, ``top_options``: more ``@ml.level``
+    arguments."""
     low_module = torch.nn.ParameterList([q.w])
     mid_module = torch.nn.ParameterList([q.mu])
     B, C = (0.5 * q.B, 0.5 * q.C) if nonlinear else (q.B, q.C)
 
-    @ml.level(module=low_module, optimizer=torch.optim.SGD([q.w], lr=lrs[0], momentum=momentum))
+    @ml.level(module=low_module, optimizer=torch.optim.SGD([q.w], lr=lrs[0], momentum=momentum),
+              **(low_options or {}))
     def low(mid):
         w, mu = low_module[0], mid.module[0]
         if nonlinear:

@@ -83,25 +83,33 @@ def finite_difference(build, run_steps, eps=1e-5, before=0):
             program.run(steps=before)
             with torch.no_grad():
                 lam[i] += sign * eps
+                perturbed = lam.clone()
             program.run(steps=run_steps)
+            with torch.no_grad():  # top's loss as top's update saw it, before its own step
+                lam.copy_(perturbed)
             values.append(float(top_loss().detach()))
         out[i] = (values[0] - values[1]) / (2 * eps)
     return out
 
 
-@pytest.mark.parametrize("momentum,cycles", [(0.0, 1), (0.5, 1), (0.5, 2)])
-def test_nested_unroll_is_the_derivative_of_the_unrolled_computation(momentum, cycles):
+@pytest.mark.parametrize("momentum,cycles,init_from", [(0.0, 1, False), (0.5, 1, False),
+                                                       (0.5, 2, False), (0.0, 2, True), (0.0, 1, True)])
+def test_nested_unroll_is_the_derivative_of_the_unrolled_computation(momentum, cycles,
+                                                                      init_from):
     """A non-quadratic chain (third derivatives matter), few steps (far from converged): the
     hypergradient is the exact derivative of top's loss w.r.t. lam through mid's 3 steps, each
     a gradient through low's 2 steps. With 2 cycles, the second one starts from the first's
-    ends (momentum buffers included) as constants."""
+    ends (momentum buffers included) as constants, after top stepped (lr 0.1). With init_from,
+    low restarts from mid's fast weights after each of mid's steps (MAML inside the chain)."""
     k_mid, k_top, steps = 2, 3, 6
 
     def build():
-        q = make_chain3(seed=1)
+        q = make_chain3(dw=4, seed=1)
         capture = Capture()
-        program = chain3_modules_program(q, lrs=(0.2, 0.2, 0.0), inner_steps=(k_mid, k_top),
-                                         nonlinear=True, momentum=momentum, hooks=[capture])
+        program = chain3_modules_program(
+            q, lrs=(0.2, 0.2, 0.1 if cycles == 2 else 0.0), inner_steps=(k_mid, k_top),
+            nonlinear=True, momentum=momentum, hooks=[capture],
+            low_options={"init_from": "mid"} if init_from else None)
         return (program, q.lam, lambda: chain3_top_loss(q, q.mu, q.w, nonlinear=True),
                 capture.grads)
 
@@ -109,6 +117,16 @@ def test_nested_unroll_is_the_derivative_of_the_unrolled_computation(momentum, c
     program.run(steps=cycles * steps)
     expected = finite_difference(build, steps, before=(cycles - 1) * steps)
     assert len(grads) == cycles and rel_err(grads[-1], expected) <= 1e-7
+
+
+def test_init_from_inside_a_nested_chain_restarts_low_from_mids_fast_weights():
+    q = make_chain3(dw=4)
+    program = chain3_modules_program(q, inner_steps=(2, 3), low_options={"init_from": "mid"})
+    program.run(steps=2)  # low took 2 steps, then mid its first
+    mu1, w_end = q.mu.detach().clone(), q.w.detach().clone()
+    assert not torch.allclose(w_end, mu1)
+    program.run(steps=1)  # a new episode: from mu1, one SGD step of 1/2 w'Pw - w'B mu1
+    assert torch.allclose(q.w, mu1 - 0.39 * (q.P @ mu1 - q.B @ mu1), rtol=0, atol=1e-14)
 
 
 def test_two_level_unroll_is_the_derivative_of_the_unrolled_computation():
