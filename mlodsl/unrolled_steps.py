@@ -87,17 +87,17 @@ class UnrolledSteps:
         return split_loss(node, {**{k: v.mean() for k, v in records.items()},
                                  "loss": losses.mean()})
 
-    def _unrolled_hypergrad(self, node: LevelNode, loss: torch.Tensor
+    def _unrolled_hypergrad(self, node: LevelNode, loss: torch.Tensor, retain: bool = True
                             ) -> tuple[list[torch.Tensor], dict[str, Any]]:
         """When everything below ``node`` is unrolled by it, one backward pass from its loss
         (computed on the trajectories' ends) gives the total derivative directly."""
         # A level that is itself unrolled (nested) differentiates w.r.t. its fast weights, which
-        # its lowers' steps read. The graph is kept: it belongs to the trajectories, which are
-        # finished (dropped) only at this level's update; an inspection must not free it.
+        # its lowers' steps read. ``retain`` keeps the trajectories' graph for another
+        # micro-batch or, after an inspection (program.hypergrad), for the real update.
         unroller = self.unroller
         targets = (unroller.fast[node.name] if node.name in unroller.upper_of
                    and node.name in unroller.fast else node.params)
-        raw = torch.autograd.grad(loss, targets, retain_graph=True, allow_unused=True)
+        raw = torch.autograd.grad(loss, targets, retain_graph=retain, allow_unused=True)
         lowers = self.unroller.unrolled_by(node.name)
         if all(g is None for g in raw):
             raise NoDependencyError(
