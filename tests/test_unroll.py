@@ -485,3 +485,33 @@ def test_maml_learner_reading_the_meta_parameters_differentiates_only_its_own():
     expected = (torch.eye(3, dtype=DTYPE) - lr * (S + M)).T @ (phi - q)
     assert torch.allclose(learner_net.weight.detach()[0], phi, atol=1e-14)
     assert (capture.grads[0].reshape(-1) - expected).norm() / expected.norm() <= 1e-10
+
+
+def test_accumulation_and_mid_cycle_inspection_keep_the_trajectory():
+    """An unrolling level with accumulate=2 backpropagates twice through one trajectory, and
+    program.hypergrad mid-cycle must not free it: both give the plain run's hypergradient."""
+    A, B, t, w0, lam0 = problem(0)
+    results = []
+    for accumulate, inspect in ((1, False), (2, False), (1, True)):
+        params = torch.nn.ParameterList([torch.nn.Parameter(w0.clone())])
+        lam = torch.nn.Parameter(lam0.clone())
+        capture = Capture()
+
+        @ml.level(module=params, optimizer=torch.optim.SGD([params[0]], lr=0.1))
+        def low(up):
+            return 0.5 * params[0] @ A @ params[0] - params[0] @ (B @ up.module)
+
+        @ml.level(upper_of="low", grad="unroll", module=lam, inner_steps=3,
+                  accumulate=accumulate, optimizer=torch.optim.SGD([lam], lr=0.1))
+        def up(low):
+            return 0.5 * (low.module[0] - t).pow(2).sum()
+
+        program = ml.program(low, up, hooks=[capture], progress=False)
+        program.run(steps=4)
+        if inspect:
+            program.hypergrad("up")
+        program.run(steps=2)
+        results.append(torch.stack(capture.grads))
+    assert results[0].shape == (2, 3)
+    assert torch.allclose(results[1], results[0], rtol=1e-12, atol=0)
+    assert torch.allclose(results[2], results[0], rtol=1e-12, atol=0)
