@@ -23,6 +23,7 @@ class UnrolledSteps:
 
     unroller: Any
     nodes: dict[str, LevelNode]
+    edges: dict[tuple[str, str], Any]
 
     def _unrolled_update(self, name: str, micro: tuple[Any, ...]) -> dict[str, Any]:
         """A functional, differentiable step of a level its upper unrolls."""
@@ -121,12 +122,17 @@ class UnrolledSteps:
         lowers: tuple[str, ...] = ()
         if self.unroller is not None and (override or not self.unroller.unrolled_by(name)):
             lowers = tuple(low for low in self.view.below[name] if low in self.unroller.upper_of)
+        edges = [edge for (_, lower), edge in self.edges.items() if lower in lowers]
         for lower in lowers:
             leaves = self.unroller.leaf_copies(lower)
             self.params[lower] = leaves
+        for edge in edges:  # edge methods (cg, ...) differentiate w.r.t. these, too
+            edge.lower_params = self.params[edge.lower]
         try:
             yield
         finally:
             for lower in lowers:
                 self.params[lower] = self.nodes[lower].params
                 self.unroller.fast[lower] = self.unroller.end[lower]
+            for edge in edges:
+                edge.lower_params = self.nodes[edge.lower].params

@@ -515,3 +515,35 @@ def test_accumulation_and_mid_cycle_inspection_keep_the_trajectory():
     assert results[0].shape == (2, 3)
     assert torch.allclose(results[1], results[0], rtol=1e-12, atol=0)
     assert torch.allclose(results[2], results[0], rtol=1e-12, atol=0)
+
+
+def test_implicit_upper_beside_an_unrolling_one():
+    """'low' below two uppers: 'left' unrolls it, 'right' differentiates it implicitly. cg
+    (3 iterations on a 3-parameter quadratic) must give what exact gives, on leaf copies of
+    low's current weights."""
+    norms = []
+    for grad_right in (ml.hypergrad.cg(iterations=3, tol=0.0), "exact"):
+        w = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(3, dtype=DTYPE))])
+        left_p = torch.nn.Parameter(torch.zeros(3, dtype=DTYPE))
+        right_p = torch.nn.Parameter(torch.zeros(3, dtype=DTYPE))
+
+        @ml.level(module=w, optimizer=torch.optim.SGD(w.parameters(), lr=0.1))
+        def low(left, right):
+            return (0.5 * (w[0] - left.module - right.module).pow(2).sum()
+                    + 0.05 * w[0].pow(2).sum())
+
+        @ml.level(upper_of="low", grad="unroll", inner_steps=2, module=left_p,
+                  optimizer=torch.optim.SGD([left_p], lr=0.1))
+        def left(low):
+            return 0.5 * (low.module[0] - 1).pow(2).sum()
+
+        @ml.level(upper_of="low", grad=grad_right, inner_steps=2, module=right_p,
+                  optimizer=torch.optim.SGD([right_p], lr=0.1))
+        def right(low):
+            return 0.5 * (low.module[0] - 3).pow(2).sum()
+
+        program = ml.program(low, left, right, progress=False)
+        program.run(steps=6)
+        norms.append(torch.tensor(program.history.series("right", "hypergrad_norm")))
+    assert norms[0].shape == (3,) and bool((norms[0] > 0).all())
+    assert torch.allclose(norms[0], norms[1], rtol=1e-10, atol=0)
