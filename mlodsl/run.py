@@ -195,7 +195,7 @@ class Interpreter(UnrolledSteps):
         """
         node = self.nodes[name]
         if self.unroller is not None and name in self.unroller.upper_of:
-            return self._unrolled_update(name, micro)
+            return self._unrolled_update(name, micro, hooks)
         scaler = self.precision[name].scaler
         count = len(micro)
         records = []

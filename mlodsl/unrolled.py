@@ -64,7 +64,7 @@ class Unroller:
         self.state: dict[str, list[dict[str, Any]]] = {}
         self.taken: dict[str, int] = {}
         self.since: dict[str, int] = {}  # steps since the unrolling upper's last update
-        self.grad_norm: dict[str, torch.Tensor] = {}  # of each level's latest unrolled step
+        self.grads: dict[str, tuple[torch.Tensor, ...]] = {}  # a nested level's latest step
         self.restart_due: set[str] = set()  # init_from levels to restart at their next step
         self.optimizers: dict[str, Any] = {}
 
@@ -204,8 +204,7 @@ class Unroller:
             grads = [torch.zeros_like(t) if g is None else (g if differentiable else g.detach())
                      for g, t in zip(grads, tensors)]
             if nested:
-                self.grad_norm[lower] = torch.linalg.vector_norm(
-                    torch.cat([g.detach().reshape(-1) for g in grads]))
+                self.grads[lower] = tuple(g.detach() for g in grads)
                 if not window:  # the tensors stayed attached for the gradient; cut them now
                     tensors = tuple(t.detach().requires_grad_() for t in tensors)
             new, state_out = optimizer.step(list(tensors), grads, state_in)

@@ -23,9 +23,12 @@ class UnrolledSteps:
 
     unroller: Any
     nodes: dict[str, LevelNode]
+    level_steps: dict[str, int]
+    program: Any
     edges: dict[tuple[str, str], Any]
 
-    def _unrolled_update(self, name: str, micro: tuple[Any, ...]) -> dict[str, Any]:
+    def _unrolled_update(self, name: str, micro: tuple[Any, ...], hooks: Any = None
+                         ) -> dict[str, Any]:
         """A functional, differentiable step of a level its upper unrolls."""
         node = self.nodes[name]
         upper = self.unroller.upper_of[name]
@@ -59,10 +62,14 @@ class UnrolledSteps:
         record = mean_record(records)
         lowers = self.unroller.unrolled_by(name)
         if lowers:  # nested: this step's gradient went through the steps of the levels below
-            record["hypergrad_norm"] = self.unroller.grad_norm[name]
+            grads = self.unroller.grads[name]
+            record["hypergrad_norm"] = torch.linalg.vector_norm(kernels.flat(grads))
             record.update({f"{name}->{lower}/unrolled_steps": self.unroller.since.get(lower, 0)
                            for lower in lowers})
             self.unroller.upper_stepped(name)
+            if hooks is not None:
+                hooks.fire("on_hypergrad", program=self.program, level=name,
+                           step=self.level_steps[name] + 1, grads=list(grads), diagnostics=record)
         if self.global_step <= self.nodes[upper].warmup:
             self.unroller.finish(name)  # the upper is warming up: nothing to differentiate yet
         return record

@@ -26,10 +26,11 @@ class Capture:
             self.grads.append(grads[0].detach().clone())
 
 
-def nested_hypergrad(k_mid, k_top, cycles=1, seed=0, **options):
+def nested_hypergrad(k_mid, k_top, cycles=1, seed=0, hooks=(), **options):
     q = make_chain3(seed=seed)
     capture = Capture()
-    program = chain3_modules_program(q, inner_steps=(k_mid, k_top), hooks=[capture], **options)
+    program = chain3_modules_program(q, inner_steps=(k_mid, k_top), hooks=[capture, *hooks],
+                                     **options)
     program.run(steps=cycles * k_mid * k_top)
     return capture.grads, q, program
 
@@ -180,9 +181,22 @@ def test_first_order_outer_unroll_keeps_only_the_direct_term():
     assert rel_err(grads[0], q.R @ q.lam.detach()) <= 1e-12
 
 
+class CaptureMid:
+    def __init__(self):
+        self.calls = []
+
+    def on_hypergrad(self, *, program, level, step, grads, diagnostics):
+        if level == "mid":
+            self.calls.append((step, float(torch.linalg.vector_norm(grads[0]))))
+
+
 def test_nested_records_and_schedule():
-    grads, q, program = nested_hypergrad(3, 2, cycles=2)
+    mid_hook = CaptureMid()
+    grads, q, program = nested_hypergrad(3, 2, cycles=2, hooks=[mid_hook])
     assert len(grads) == 2
+    norms = program.history.series("mid", "hypergrad_norm")
+    assert [step for step, _ in mid_hook.calls] == [1, 2, 3, 4]
+    assert [norm for _, norm in mid_hook.calls] == pytest.approx([float(n) for n in norms])
     assert program.history.series("top", "top->mid/unrolled_steps") == [2, 2]
     assert program.history.series("mid", "mid->low/unrolled_steps") == [3, 3, 3, 3]
     assert len(program.history.series("mid", "hypergrad_norm")) == 4
