@@ -7,6 +7,10 @@ those tensors swapped into the level's module through ``torch.func.functional_ca
 scope module that holds the unrolled levels' modules, so user code that calls its own module
 (``net(x)``) sees them without being changed. Buffers (BatchNorm statistics) are not swapped:
 they keep updating in place on the module and never enter the upper level's gradient.
+
+Unrolling nests: a level that is unrolled may itself unroll its lowers. Its steps are then
+gradients (with ``create_graph=True``) through its lowers' steps since its previous step, and
+the lowers' trajectories run on, attached, until the top of the unrolled chain updates.
 """
 
 from __future__ import annotations

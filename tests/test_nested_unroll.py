@@ -93,8 +93,8 @@ def finite_difference(build, run_steps, eps=1e-5, before=0):
     return out
 
 
-@pytest.mark.parametrize("momentum,cycles,init_from", [(0.0, 1, False), (0.5, 1, False),
-                                                       (0.5, 2, False), (0.0, 2, True), (0.0, 1, True)])
+@pytest.mark.parametrize("momentum,cycles,init_from", [
+    (0.0, 1, False), (0.5, 1, False), (0.5, 2, False), (0.0, 1, True), (0.0, 2, True)])
 def test_nested_unroll_is_the_derivative_of_the_unrolled_computation(momentum, cycles,
                                                                       init_from):
     """A non-quadratic chain (third derivatives matter), few steps (far from converged): the
