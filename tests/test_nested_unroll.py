@@ -174,6 +174,23 @@ def test_truncated_outer_unroll_differentiates_only_mids_last_step():
     assert rel_err(grads[0], expected) <= 1e-12
 
 
+def test_truncated_inner_unroll_cuts_lows_earlier_steps_for_top_too():
+    """mid's steps=1: each mid gradient sees only low's last step (d w_end/d mu = lr B), and
+    low's earlier steps are constants for top as well. So D_j = d mu_j/d lam follows
+    D_{j+1} = (I - lr_mid (Q + lr_low^2 B'B)) D_j + lr_mid C, and top reads low's end through
+    D_{K-1} (low's last cycle ran on mu_{K-1})."""
+    k_mid, k_top, lr_low, lr_mid = 3, 4, 0.39, 0.21
+    grads, q, _ = nested_hypergrad(k_mid, k_top, grad_mid=ml.hypergrad.unroll(steps=1))
+    step = torch.eye(4, dtype=DTYPE) - lr_mid * (q.Q + lr_low**2 * q.B.T @ q.B)
+    D = [torch.zeros(4, 3, dtype=DTYPE)]
+    for _ in range(k_top):
+        D.append(step @ D[-1] + lr_mid * q.C)
+    w, mu = q.w.detach(), q.mu.detach()
+    expected = (q.R @ q.lam.detach() + D[-1].T @ (mu - q.s)
+                + (lr_low * q.B @ D[-2]).T @ (w - q.t))
+    assert rel_err(grads[0], expected) <= 1e-12
+
+
 def test_first_order_outer_unroll_keeps_only_the_direct_term():
     """top's first_order=True: mid's gradients are constants and its trajectory starts from a
     copy, so nothing below depends on lam: the hypergradient is the direct term R lam."""
