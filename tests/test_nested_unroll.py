@@ -322,3 +322,62 @@ def test_check_hypergrad_by_finite_differences_leaves_the_run_as_it_was():
         program.run(steps=8)
         results.append(grads[-1])
     assert len(grads) == 2 and torch.equal(results[0], results[1])
+
+
+def test_four_nested_levels_are_the_derivative_of_the_unrolled_computation():
+    """l3 unrolls l2 unrolls l1 unrolls l0 (two steps each, momentum on l2, non-quadratic),
+    and l3 also reads l0 directly: one backward pass through 8 + 4 + 2 nested steps."""
+    def build():
+        gen = torch.Generator().manual_seed(7)
+        mats = [0.5 * torch.randn(3, 3, generator=gen, dtype=DTYPE) for _ in range(3)]
+        mods = [torch.nn.ParameterList([torch.nn.Parameter(torch.randn(3, generator=gen,
+                                                                       dtype=DTYPE))])
+                for _ in range(3)]
+        top = torch.nn.Parameter(torch.randn(3, generator=gen, dtype=DTYPE))
+        grads = []
+
+        class Keep:
+            def on_hypergrad(self, *, program, level, step, grads, diagnostics):
+                if level == "l3":
+                    kept.append(grads[0].detach().clone())
+
+        kept = grads
+
+        def sgd(i, **options):
+            return torch.optim.SGD(mods[i].parameters(), lr=0.3, **options)
+
+        @ml.level(module=mods[0], optimizer=sgd(0))
+        def l0(l1):
+            x = mods[0][0]
+            return (0.5 * x.pow(2).sum() + 0.05 * x.pow(4).sum()
+                    - x @ torch.tanh(mats[0] @ l1.module[0]))
+
+        @ml.level(upper_of="l0", grad="unroll", inner_steps=2, module=mods[1], optimizer=sgd(1))
+        def l1(l0, l2):
+            x = mods[1][0]
+            return (0.5 * x.pow(2).sum() - x @ torch.tanh(mats[1] @ l2.module[0])
+                    + torch.log1p((l0.module[0] - 1).pow(2)).sum())
+
+        @ml.level(upper_of="l1", grad="unroll", inner_steps=2, module=mods[2],
+                  optimizer=sgd(2, momentum=0.5))
+        def l2(l1, l3):
+            x = mods[2][0]
+            return (0.5 * x.pow(2).sum() - x @ torch.tanh(mats[2] @ l3)
+                    + 0.5 * (l1.module[0] + 0.5).pow(2).sum())
+
+        def top_loss():
+            return (0.5 * (mods[2][0] - 1).pow(2).sum() + torch.sin(mods[0][0]).sum()
+                    + 0.1 * top.pow(2).sum())
+
+        @ml.level(upper_of="l2", grad="unroll", inner_steps=2, module=top,
+                  optimizer=torch.optim.SGD([top], lr=0.0))
+        def l3(l2, l0):
+            return top_loss()
+
+        program = ml.program(l0, l1, l2, l3, hooks=[Keep()], progress=False)
+        return program, top, top_loss, grads
+
+    program, _, _, grads = build()
+    program.run(steps=8)
+    expected = finite_difference(build, 8)
+    assert len(grads) == 1 and rel_err(grads[0], expected) <= 1e-7
