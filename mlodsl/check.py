@@ -130,13 +130,25 @@ def _solve_below(runtime: Any, below: tuple[str, ...], steps: int) -> float:
             if step % action.every == 0:
                 runtime.update(action.level, runtime.current_batches(action.level))
     worst = 0.0
+    unroller = runtime.unroller
     for lower in below:
         if not runtime.view.below[lower]:
-            loss = runtime.loss_of(lower)
-            grads = torch.autograd.grad(loss, runtime.params[lower], allow_unused=True)
-            flat = kernels.flat_or_zeros(grads, runtime.params[lower])
+            params = runtime.params[lower]
+            unrolled = unroller is not None and lower in unroller.upper_of
+            if unrolled:  # its loss reads its fast weights: differentiate leaf copies of them
+                params = unroller.leaf_copies(lower)
+            try:
+                loss = runtime.loss_of(lower)
+            finally:
+                if unrolled:
+                    unroller.fast[lower] = unroller.end[lower]
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            flat = kernels.flat_or_zeros(grads, params)
             worst = max(worst, 0.0 if flat is None else float(flat.norm()))
     return worst
+
+
+_UNROLLER_TABLES = ("fast", "end", "state", "taken", "since")
 
 
 class _preserved:
@@ -151,6 +163,10 @@ class _preserved:
         self.grads = {n: [p.grad for p in rt.params[n]] for n in self.names}
         self.optim = {n: copy.deepcopy(rt.nodes[n].optimizer.state_dict()) for n in self.names}
         self.edges = {k: copy.deepcopy(e.state) for k, e in rt.edges.items()}
+        # Unrolled trajectories: their tables hold tensors that steps replace, never modify,
+        # so shallow copies bring back the trajectory, graph included.
+        self.unrolled = None if rt.unroller is None else {
+            table: dict(getattr(rt.unroller, table)) for table in _UNROLLER_TABLES}
 
     def __exit__(self, *exc: Any) -> None:
         rt = self.runtime
@@ -163,3 +179,6 @@ class _preserved:
         for k, e in rt.edges.items():
             e.state.clear()
             e.state.update(self.edges[k])
+        for table, saved in (self.unrolled or {}).items():
+            getattr(rt.unroller, table).clear()
+            getattr(rt.unroller, table).update(saved)

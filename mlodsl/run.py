@@ -195,20 +195,20 @@ class Interpreter(UnrolledSteps):
         """
         node = self.nodes[name]
         if self.unroller is not None and name in self.unroller.upper_of:
-            return self._unrolled_update(name, micro)
+            return self._unrolled_update(name, micro, hooks)
         scaler = self.precision[name].scaler
         count = len(micro)
         records = []
         if self.view.below[name]:
             total: list[torch.Tensor] | None = None
-            for batch in micro:
+            for index, batch in enumerate(micro):
                 with (self._leaf_fast_weights(name) if self.unroller is not None
                       else contextlib.nullcontext()):
                     loss, record = self._evaluate_upper(node, batch)
                     scale = 1.0
                     if scaler is not None:  # scaled hypergradients; the scaler unscales them
                         loss, scale = scaler.scale(loss), scaler.get_scale()
-                    grads, diagnostics = self._hypergrad(node, loss)
+                    grads, diagnostics = self._hypergrad(node, loss, retain=index + 1 < count)
                 norm = diagnostics.pop("hypergrad_norm")
                 if scaler is None and not (math.isfinite(norm.item())
                                            and math.isfinite(loss.item())):
@@ -350,12 +350,12 @@ class Interpreter(UnrolledSteps):
         return self.loss_of(name, " for a hypergradient")
 
     def _hypergrad(self, node: LevelNode, loss: torch.Tensor,
-                   methods: Mapping[str, Any] | None = None
+                   methods: Mapping[str, Any] | None = None, retain: bool = True
                    ) -> tuple[list[torch.Tensor], dict[str, Any]]:
-        """``node``'s hypergradient from its ``loss`` (computed inside
-        :meth:`_leaf_fast_weights` when it unrolls levels below it)."""
+        """``node``'s hypergradient from its ``loss`` (inside :meth:`_leaf_fast_weights`);
+        ``retain`` keeps an unrolled trajectory's graph for a later micro-batch or update."""
         if methods is None and self.unroller is not None and self.unroller.unrolled_by(node.name):
-            return self._unrolled_hypergrad(node, loss)
+            return self._unrolled_hypergrad(node, loss, retain)
         return total_hypergrad(loss, node.name, self.view, self.lowers,
                                self.methods if methods is None else methods, self._edge,
                                self.where)

@@ -18,6 +18,7 @@ from mlodsl.dsl import Level, LevelSpec, where_defined
 from mlodsl.hypergrad import DEFAULT, resolve_method
 from mlodsl.ir import BATCH, RESERVED, Argument, Edge, Graph, LevelNode, Read
 from mlodsl.log import loggers
+from mlodsl.trace_unrolling import check_unrolling
 from mlodsl.validation import EarlyStopping, check_validation
 
 _UNKNOWN_UPPER_OF = (
@@ -98,69 +99,12 @@ def trace(levels: Sequence[Any], options: Mapping[str, Any]) -> Graph:
             precision=spec.precision, warmup=spec.warmup, init_from=spec.init_from,
             tasks=spec.tasks,
         ))
-    _check_unrolling(nodes)
+    check_unrolling(nodes)
     edges = tuple(Edge(upper=n.name, lower=lower, method=n.method.name)
                   for n in reversed(nodes) for lower in n.lowers if n.method is not None)
     reads = tuple(Read(reader=n.name, level=target) for n in nodes for target in n.reads)
     return Graph(levels=tuple(nodes), edges=edges, reads=reads,
                  options=MappingProxyType(dict(options)))
-
-
-def _check_unrolling(nodes: Sequence[LevelNode]) -> None:
-    """grad='unroll' and init_from: what the unrolled interpreter can honour."""
-    by_name = {n.name: n for n in nodes}
-    unrolled_by: dict[str, str] = {}
-    for node in nodes:
-        if not getattr(node.method, "unrolls", False):
-            continue
-        if node.uppers:
-            raise errors.InvalidLevelError(
-                f"level '{node.name}' ({node.defined_at}) unrolls the levels below it "
-                f"(grad='unroll') and is itself below {', '.join(node.uppers)}; this version "
-                "differentiates unrolled steps only for a level with nothing above it. Use an "
-                "implicit method (grad='cg') on one of the two edges.")
-        for lower in node.lowers:
-            low = by_name[lower]
-            if low.lowers:
-                raise errors.InvalidLevelError(
-                    f"level '{node.name}' ({node.defined_at}) unrolls '{lower}' "
-                    f"(grad='unroll'), but '{lower}' has levels below it; unrolling reaches only "
-                    "lowest levels. Use an implicit method (grad='cg') on this edge.")
-            if lower in unrolled_by:
-                raise errors.InvalidLevelError(
-                    f"level '{lower}' ({low.defined_at}) is unrolled by both "
-                    f"'{unrolled_by[lower]}' and '{node.name}'; one upper level may unroll it.")
-            unrolled_by[lower] = node.name
-    for node in nodes:
-        if node.tasks and (node.init_from is None or node.accumulate != 1):
-            raise errors.InvalidLevelError(
-                f"level '{node.name}' ({node.defined_at}) has tasks=True, which adapts a batch of "
-                "tasks in parallel from an upper level's parameters: it needs init_from=<the "
-                "upper level> (with grad='unroll' there) and accumulate=1.")
-        source = node.init_from
-        if source is None:
-            continue
-        where = f"level '{node.name}' ({node.defined_at}) has init_from='{source}'"
-        if source not in by_name:
-            raise errors.UnknownLevelError(
-                f"{where}, but no level with that name was traced."
-                f"{errors.did_you_mean(source, by_name)} Traced levels: "
-                f"{errors.listing(by_name)}.")
-        if source not in node.uppers:
-            raise errors.InvalidLevelError(
-                f"{where}, so '{source}' must be directly above it: give '{source}' "
-                f"upper_of='{node.name}' (with grad='unroll' for MAML, or an implicit method "
-                "such as grad='cg' with a proximal term in the loss for iMAML).")
-        if node.tasks and unrolled_by.get(node.name) != source:
-            raise errors.InvalidLevelError(
-                f"{where} and tasks=True, which adapts tasks in parallel on unrolled steps: "
-                f"give '{source}' grad='unroll'.")
-        shapes = [tuple(p.shape) for p in node.params]
-        theirs = [tuple(p.shape) for p in by_name[source].params]
-        if shapes != theirs:
-            raise errors.InvalidLevelError(
-                f"{where}, but their parameters differ: {shapes} vs {theirs}. Build both "
-                "modules with the same architecture.")
 
 
 def _check_is_level(level: Any, index: int) -> LevelSpec:

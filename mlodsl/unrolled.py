@@ -7,6 +7,10 @@ those tensors swapped into the level's module through ``torch.func.functional_ca
 scope module that holds the unrolled levels' modules, so user code that calls its own module
 (``net(x)``) sees them without being changed. Buffers (BatchNorm statistics) are not swapped:
 they keep updating in place on the module and never enter the upper level's gradient.
+
+Unrolling nests: a level that is unrolled may itself unroll its lowers. Its steps are then
+gradients (with ``create_graph=True``) through its lowers' steps since its previous step, and
+the lowers' trajectories run on, attached, until the top of the unrolled chain updates.
 """
 
 from __future__ import annotations
@@ -63,23 +67,34 @@ class Unroller:
         self.end: dict[str, tuple[torch.Tensor, ...]] = {}
         self.state: dict[str, list[dict[str, Any]]] = {}
         self.taken: dict[str, int] = {}
+        self.since: dict[str, int] = {}  # steps since the unrolling upper's last update
+        self.grads: dict[str, tuple[torch.Tensor, ...]] = {}  # a nested level's latest step
+        self.restart_due: set[str] = set()  # init_from levels to restart at their next step
         self.optimizers: dict[str, Any] = {}
 
     def reset(self) -> None:
         """Forget every trajectory (after parameters were replaced, e.g. by a checkpoint): the
         next step of each unrolled level starts afresh from its current parameters."""
-        for table in (self.fast, self.end, self.state, self.taken):
+        for table in (self.fast, self.end, self.state, self.taken, self.since, self.restart_due):
             table.clear()
 
     def unrolled_by(self, upper: str) -> tuple[str, ...]:
         """The levels ``upper`` unrolls."""
         return tuple(lower for lower, u in self.upper_of.items() if u == upper)
 
+    def unrolled_under(self, upper: str) -> tuple[str, ...]:
+        """The levels ``upper`` unrolls, and the levels those unroll, and so on (nested
+        unrolling: ``top`` unrolls ``mid``, which unrolls ``low``)."""
+        found: list[str] = []
+        for lower in self.unrolled_by(upper):
+            found += [lower, *self.unrolled_under(lower)]
+        return tuple(found)
+
     def leaf_copies(self, lower: str) -> tuple[torch.Tensor, ...]:
         """Leaf tensors equal to the trajectory's end, swapped in while the upper's loss is
         computed (its partial derivatives w.r.t. them go back through the trajectory)."""
         if lower not in self.end:
-            self.restart(lower)
+            self._ensure_fast(lower)
         leaves = tuple(t.detach().requires_grad_() for t in self.end[lower])
         self.fast[lower] = leaves
         return leaves
@@ -102,12 +117,48 @@ class Unroller:
         where the level is, cut from everything before."""
         node = self.nodes[lower]
         if node.init_from is not None:
-            start = tuple(self.nodes[node.init_from].params)
+            source = node.init_from
+            if source in self.upper_of:  # nested: the source itself runs on fast weights
+                self._ensure_fast(source)
+                start = self.fast[source]
+            else:
+                start = tuple(self.nodes[source].params)
         else:
             start = tuple(p.detach().clone().requires_grad_() for p in node.params)
         self.fast[lower] = self.end[lower] = start
         self.state.pop(lower, None)  # fresh (init_from) or re-read from the real optimizer
-        self.taken[lower] = 0
+        self.taken[lower] = self.since[lower] = 0
+        self.restart_due.discard(lower)
+
+    def _ensure_fast(self, level: str) -> None:
+        """Give ``level`` fast weights if it has none yet; first those of the levels that
+        unroll it (nested unrolling), so that its steps read theirs and stay on the graph."""
+        upper = self.upper_of.get(level)
+        if upper is not None and upper in self.upper_of:
+            self._ensure_fast(upper)
+        if level not in self.fast:
+            self.restart(level)
+
+    def upper_stepped(self, upper: str) -> None:
+        """``upper``, itself unrolled, took a functional step (nested unrolling): the levels it
+        unrolls begin a new window, but keep their graph, which the level above ``upper``
+        differentiates through. An ``init_from`` level restarts from ``upper``'s new weights at
+        its next step (until then, levels above read where its episode ended)."""
+        for lower in self.unrolled_by(upper):
+            if self.nodes[lower].init_from == upper:
+                self.restart_due.add(lower)
+            self.since[lower] = 0
+
+    def cut(self, upper: str) -> None:
+        """Detach the fast weights and optimizer states of every level ``upper`` unrolls
+        (nested): what came before is a constant for the levels above, too."""
+        for lower in self.unrolled_under(upper):
+            if lower in self.fast:
+                self.fast[lower] = self.end[lower] = tuple(
+                    t.detach().requires_grad_() for t in self.end[lower])
+            if lower in self.state:
+                self.state[lower] = [{k: v.detach() if isinstance(v, torch.Tensor) else v
+                                      for k, v in entry.items()} for entry in self.state[lower]]
 
     def step(self, lower: str, loss_of: Callable[[], torch.Tensor], position: int,
              count: int) -> torch.Tensor:
@@ -115,8 +166,10 @@ class Unroller:
         takes between two updates of its upper level. Returns the step's loss."""
         node = self.nodes[lower]
         method = self._method(lower)
-        if lower not in self.fast:
+        self._ensure_fast(lower)
+        if lower in self.restart_due:
             self.restart(lower)
+        nested = bool(self.unrolled_by(lower))
         optimizer = self._optimizer(lower)
         if lower not in self.state:
             # init_from starts each episode afresh; otherwise continue the real optimizer's state
@@ -125,8 +178,15 @@ class Unroller:
         window = method.steps is None or count - position <= method.steps
         differentiable = window and not method.first_order
         current = self.fast[lower]
-        if not window:  # outside the truncation window: no graph back to these steps
+        if not window and not nested:  # outside the truncation window: no graph back to these
             current = tuple(t.detach().requires_grad_() for t in current)
+        elif self.upper_of[lower] in self.upper_of or node.init_from is not None:
+            # These tensors may also reach this loss another way: nested, the unrolled level
+            # above took steps that read them, so they are ancestors of its fast weights; with
+            # init_from, a new episode starts on the upper's own tensors. A gradient w.r.t.
+            # them would count those paths too; one w.r.t. a fresh alias counts only this
+            # level's own use of its parameters.
+            current = tuple(t.view_as(t) for t in current)
         keys, state = _flatten_state(self.state[lower])
         out_keys: list[list[str]] = []  # the state's layout after the step (deterministic)
         n = len(current)
@@ -138,12 +198,19 @@ class Unroller:
             self.fast[lower] = tensors
             try:
                 loss = loss_of()
+                # A nested level's gradient reaches back through the steps of the levels it
+                # unrolls, whose graph the level above still needs: keep it.
                 grads = torch.autograd.grad(loss, tensors, create_graph=differentiable,
+                                            retain_graph=differentiable or nested,
                                             allow_unused=True)
             finally:
                 self.fast[lower] = previous
             grads = [torch.zeros_like(t) if g is None else (g if differentiable else g.detach())
                      for g, t in zip(grads, tensors)]
+            if nested:
+                self.grads[lower] = tuple(g.detach() for g in grads)
+                if not window:  # the tensors stayed attached for the gradient; cut them now
+                    tensors = tuple(t.detach().requires_grad_() for t in tensors)
             new, state_out = optimizer.step(list(tensors), grads, state_in)
             layout, flat_state = _flatten_state(state_out)
             out_keys[:] = layout
@@ -157,6 +224,9 @@ class Unroller:
         self.state[lower] = _unflatten_state(out_keys, outputs[n:-1])
         self.fast[lower] = self.end[lower] = new
         self.taken[lower] += 1
+        self.since[lower] = self.since.get(lower, 0) + 1
+        if nested and not window:
+            self.cut(lower)
         with torch.no_grad():  # the module's own tensors mirror the fast weights
             for p, t in zip(node.params, new):
                 p.copy_(t)
@@ -217,6 +287,8 @@ class Unroller:
         if node.init_from is None and lower in self.state:
             self.optimizers[lower].write_back(node.params, self.state[lower])
         self.restart(lower)
+        for below in self.unrolled_by(lower):  # nested: their trajectories end here too
+            self.finish(below)
 
     def _optimizer(self, lower: str) -> Any:
         if lower not in self.optimizers:

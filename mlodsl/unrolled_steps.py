@@ -23,8 +23,12 @@ class UnrolledSteps:
 
     unroller: Any
     nodes: dict[str, LevelNode]
+    level_steps: dict[str, int]
+    program: Any
+    edges: dict[tuple[str, str], Any]
 
-    def _unrolled_update(self, name: str, micro: tuple[Any, ...]) -> dict[str, Any]:
+    def _unrolled_update(self, name: str, micro: tuple[Any, ...], hooks: Any = None
+                         ) -> dict[str, Any]:
         """A functional, differentiable step of a level its upper unrolls."""
         node = self.nodes[name]
         upper = self.unroller.upper_of[name]
@@ -42,7 +46,7 @@ class UnrolledSteps:
             records[:] = fresh
             return losses[0] if len(losses) == 1 else sum(losses) / len(losses)
 
-        position, count = self.unroller.taken.get(name, 0), every[upper] // every[name]
+        position, count = self.unroller.since.get(name, 0), every[upper] // every[name]
         if node.tasks:
             def loss_for(task: Any) -> torch.Tensor:
                 return self._evaluate(node, task, per_task=True)[0]
@@ -55,9 +59,20 @@ class UnrolledSteps:
         if not self._finite(loss, name, "loss"):
             return self._skip(mean_record(records))
         self.committed = True
+        record = mean_record(records)
+        lowers = self.unroller.unrolled_by(name)
+        if lowers:  # nested: this step's gradient went through the steps of the levels below
+            grads = self.unroller.grads[name]
+            record["hypergrad_norm"] = torch.linalg.vector_norm(kernels.flat(grads))
+            record.update({f"{name}->{lower}/unrolled_steps": self.unroller.since.get(lower, 0)
+                           for lower in lowers})
+            self.unroller.upper_stepped(name)
+            if hooks is not None:
+                hooks.fire("on_hypergrad", program=self.program, level=name,
+                           step=self.level_steps[name] + 1, grads=list(grads), diagnostics=record)
         if self.global_step <= self.nodes[upper].warmup:
             self.unroller.finish(name)  # the upper is warming up: nothing to differentiate yet
-        return mean_record(records)
+        return record
 
     def _evaluate_upper(self, node: LevelNode, batch: Any, context: str = ""
                         ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -80,11 +95,17 @@ class UnrolledSteps:
         return split_loss(node, {**{k: v.mean() for k, v in records.items()},
                                  "loss": losses.mean()})
 
-    def _unrolled_hypergrad(self, node: LevelNode, loss: torch.Tensor
+    def _unrolled_hypergrad(self, node: LevelNode, loss: torch.Tensor, retain: bool = True
                             ) -> tuple[list[torch.Tensor], dict[str, Any]]:
         """When everything below ``node`` is unrolled by it, one backward pass from its loss
         (computed on the trajectories' ends) gives the total derivative directly."""
-        raw = torch.autograd.grad(loss, node.params, allow_unused=True)
+        # A level that is itself unrolled (nested) differentiates w.r.t. its fast weights, which
+        # its lowers' steps read. ``retain`` keeps the trajectories' graph for another
+        # micro-batch or, after an inspection (program.hypergrad), for the real update.
+        unroller = self.unroller
+        targets = (unroller.fast[node.name] if node.name in unroller.upper_of
+                   and node.name in unroller.fast else node.params)
+        raw = torch.autograd.grad(loss, targets, retain_graph=retain, allow_unused=True)
         lowers = self.unroller.unrolled_by(node.name)
         if all(g is None for g in raw):
             raise NoDependencyError(
@@ -92,25 +113,33 @@ class UnrolledSteps:
                 f"neither directly nor through the unrolled steps of {', '.join(lowers)}: its "
                 "hypergradient is zero. Read the lower level in its loss, and the upper level "
                 "in the lower's loss (or use init_from).")
-        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(raw, node.params)]
+        grads = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(raw, node.params)]
         diagnostics: dict[str, Any] = {f"{node.name}->{lower}/unrolled_steps":
-                                       self.unroller.taken.get(lower, 0) for lower in lowers}
+                                       self.unroller.since.get(lower, 0) for lower in lowers}
         diagnostics["hypergrad_norm"] = torch.linalg.vector_norm(kernels.flat(grads))
         return grads, diagnostics
 
     @contextlib.contextmanager
     def _leaf_fast_weights(self, name: str, override: bool = False) -> Iterator[None]:
-        """With other methods than its own (``override``: a reference in check_hypergrad),
-        ``name``'s unrolled lowers run on leaf copies of their fast weights, so that partial
-        derivatives w.r.t. them exist for those methods. Its own unrolled hypergradient needs
-        none: one backward pass through the trajectories does it."""
-        lowers = self.unroller.unrolled_by(name) if self.unroller is not None and override else ()
+        """With other methods than unrolling (``override``: a reference in check_hypergrad, or
+        an implicit method of its own over a level that unrolls), the unrolled levels below
+        ``name`` run on leaf copies of their fast weights, so that partial derivatives w.r.t.
+        them exist for those methods. Its own unrolled hypergradient needs none: one backward
+        pass through the trajectories does it."""
+        lowers: tuple[str, ...] = ()
+        if self.unroller is not None and (override or not self.unroller.unrolled_by(name)):
+            lowers = tuple(low for low in self.view.below[name] if low in self.unroller.upper_of)
+        edges = [edge for (_, lower), edge in self.edges.items() if lower in lowers]
         for lower in lowers:
             leaves = self.unroller.leaf_copies(lower)
             self.params[lower] = leaves
+        for edge in edges:  # edge methods (cg, ...) differentiate w.r.t. these, too
+            edge.lower_params = self.params[edge.lower]
         try:
             yield
         finally:
             for lower in lowers:
                 self.params[lower] = self.nodes[lower].params
                 self.unroller.fast[lower] = self.unroller.end[lower]
+            for edge in edges:
+                edge.lower_params = self.nodes[edge.lower].params

@@ -189,3 +189,58 @@ def nonlinear_chain3_program(seed: int = 1, grad_top="exact", grad_mid="exact", 
                 + 0.5 * q.lam @ q.R @ q.lam)
 
     return ml.program(low, mid, top), q
+
+
+def chain3_modules_program(q: Chain3, grad_top="unroll", grad_mid="unroll",
+                           lrs=(0.39, 0.21, 0.0), inner_steps=(1, 1), nonlinear: bool = False,
+                           momentum: float = 0.0, top_reads_low: bool = True,
+                           low_options=None, mid_options=None, top_options=None, **options):
+    """``make_chain3``'s problem with ``low`` and ``mid`` holding their tensors in
+    ``ParameterList`` modules (what ``grad="unroll"`` swaps), read through them. ``lrs``: the
+    SGD learning rates of low, mid and top; ``inner_steps``: mid's and top's. ``nonlinear``
+    adds the quartic and tanh terms of :func:`nonlinear_chain3_program` (third derivatives);
+    ``momentum`` is low's and mid's SGD momentum. With ``top_reads_low=False`` the top loss
+    reads only ``mid``. ``low_options``, ``mid_options``, ``top_options``: more ``@ml.level``
+    arguments."""
+    low_module = torch.nn.ParameterList([q.w])
+    mid_module = torch.nn.ParameterList([q.mu])
+    B, C = (0.5 * q.B, 0.5 * q.C) if nonlinear else (q.B, q.C)
+
+    @ml.level(module=low_module, optimizer=torch.optim.SGD([q.w], lr=lrs[0], momentum=momentum),
+              **(low_options or {}))
+    def low(mid):
+        w, mu = low_module[0], mid.module[0]
+        if nonlinear:
+            return 0.5 * w @ q.P @ w + 0.05 * w.pow(4).sum() - w @ torch.tanh(B @ mu)
+        return 0.5 * w @ q.P @ w - w @ (B @ mu)
+
+    @ml.level(upper_of="low", grad=grad_mid, inner_steps=inner_steps[0], module=mid_module,
+              optimizer=torch.optim.SGD([q.mu], lr=lrs[1], momentum=momentum),
+              **(mid_options or {}))
+    def mid(top, low):
+        mu, w = mid_module[0], low.module[0]
+        if nonlinear:
+            return (0.5 * mu @ q.Q @ mu + 0.05 * mu.pow(4).sum() - mu @ torch.tanh(C @ top.module)
+                    + torch.log1p((w - q.c).pow(2)).sum())
+        return 0.5 * mu @ q.Q @ mu - mu @ (C @ top.module) + 0.5 * (w - q.c).pow(2).sum()
+
+    @ml.level(upper_of="mid", grad=grad_top, inner_steps=inner_steps[1], module=q.lam,
+              optimizer=torch.optim.SGD([q.lam], lr=lrs[2]), **(top_options or {}))
+    def top(mid, low):
+        return chain3_top_loss(q, mid.module[0], low.module[0], nonlinear)
+
+    @ml.level(upper_of="mid", grad=grad_top, inner_steps=inner_steps[1], module=q.lam,
+              optimizer=torch.optim.SGD([q.lam], lr=lrs[2]), name="top", **(top_options or {}))
+    def top_without_low(mid):
+        return chain3_top_loss(q, mid.module[0], None, nonlinear)
+
+    return ml.program(low, mid, top if top_reads_low else top_without_low, progress=False,
+                      **options)
+
+
+def chain3_top_loss(q: Chain3, mu: torch.Tensor, w: torch.Tensor, nonlinear: bool = False
+                    ) -> torch.Tensor:
+    """The top level's loss of :func:`chain3_modules_program`."""
+    scale = 1.0 if nonlinear else 0.5
+    loss = scale * (mu - q.s).pow(2).sum() + 0.5 * q.lam @ q.R @ q.lam
+    return loss if w is None else loss + 0.5 * (w - q.t).pow(2).sum()

@@ -42,6 +42,7 @@ from programs import (
     unknown_grad,
     unknown_parameter,
     unknown_upper,
+    unroll_over_implicit,
     upper_ignores_lower,
 )
 
@@ -278,6 +279,18 @@ def test_unknown_grad_method_suggests_cg_and_lists_the_methods():
               r"exact",
     ):
         unknown_grad.build()
+
+
+def test_unrolling_a_level_that_uses_an_implicit_method_names_both_and_the_fixes():
+    with pytest.raises(
+        errors.InvalidLevelError,
+        match=rf"level 'top' \({at(unroll_over_implicit, 'top')}\) unrolls 'mid' "
+              r"\(grad='unroll'\), but 'mid' computes its own hypergradient through 'low' with "
+              r"grad='cg'; differentiating through an implicit hypergradient is not supported\. "
+              r"Use grad='unroll' on 'mid' too \(nested unrolling\), or an implicit method such "
+              r"as grad='exact' on 'top'\.",
+    ):
+        unroll_over_implicit.build()
 
 
 def test_decorating_a_level_twice():

@@ -362,25 +362,59 @@ def test_check_hypergrad_compares_unroll_with_the_implicit_answer():
     assert report.method == "unroll" and report.relative_error < 1e-6
 
 
-def test_unrolling_below_another_level_is_refused():
+def three_linear_levels(grad_top, grad_mid, top_reads_low=False, tasks=False):
+    """top -> mid -> low on 1x1 Linear modules."""
     lows = [torch.nn.Linear(1, 1) for _ in range(3)]
 
-    @ml.level(module=lows[0], optimizer=torch.optim.SGD(lows[0].parameters(), lr=0.1))
+    @ml.level(module=lows[0], optimizer=torch.optim.SGD(lows[0].parameters(), lr=0.1),
+              tasks=tasks, init_from="mid" if tasks else None)
     def low(mid):
-        return (lows[0].weight * mid.weight).sum()
+        return (lows[0].weight * mid.weight).sum() + sum(p.pow(2).sum()
+                                                         for p in lows[0].parameters())
 
-    @ml.level(upper_of="low", grad="unroll", module=lows[1],
+    @ml.level(upper_of="low", grad=grad_mid, module=lows[1],
               optimizer=torch.optim.SGD(lows[1].parameters(), lr=0.1))
     def mid(low, top):
-        return (low.weight * top.weight).sum()
+        own = lows[1].weight
+        return ((low.weight + top.weight) * own).sum() + sum(p.pow(2).sum()
+                                                             for p in lows[1].parameters())
 
-    @ml.level(upper_of="mid", grad="cg", module=lows[2],
+    @ml.level(upper_of="mid", grad=grad_top, module=lows[2],
               optimizer=torch.optim.SGD(lows[2].parameters(), lr=0.1))
-    def top(mid):
+    def top(mid, low):
+        return mid.weight.sum() + low.weight.sum()
+
+    @ml.level(upper_of="mid", grad=grad_top, module=lows[2], name="top",
+              optimizer=torch.optim.SGD(lows[2].parameters(), lr=0.1))
+    def top_reads_mid(mid):
         return mid.weight.sum()
 
-    with pytest.raises(InvalidLevelError, match=r"'mid'.*unrolls.*below top"):
-        ml.program(low, mid, top)
+    return ml.program(low, mid, top if top_reads_low else top_reads_mid)
+
+
+@pytest.mark.parametrize("grad_top,grad_mid,options,match", [
+    # top's edge-by-edge chain rule would need d low*/d mid from an unrolled edge
+    ("cg", "unroll", {"top_reads_low": True},
+     r"'top'.*grad='cg'.*reads 'low', which 'mid' unrolls.*grad='unroll' on 'top'"),
+    # differentiating through mid's implicit hypergradient is not supported
+    ("unroll", "cg", {}, r"'top'.*unrolls 'mid'.*'mid' computes its own hypergradient through "
+                         r"'low' with grad='cg'.*grad='unroll' on 'mid' too"),
+    (ml.hypergrad.unroll(checkpoint=True), "unroll", {},
+     r"'top'.*unrolls 'mid', which unrolls 'low'.*'top' asks for checkpoint=True"),
+    ("unroll", ml.hypergrad.unroll(checkpoint=True), {}, r"'mid' asks for checkpoint=True"),
+    ("unroll", "unroll", {"tasks": True}, r"nested unrolling.*tasks=True on 'low'"),
+])
+def test_unsupported_unrolling_at_depth_is_refused(grad_top, grad_mid, options, match):
+    with pytest.raises(InvalidLevelError, match=match):
+        three_linear_levels(grad_top, grad_mid, **options)
+
+
+@pytest.mark.parametrize("grad_top", ["unroll", "exact", "cg"])
+def test_a_level_that_unrolls_may_have_an_upper(grad_top):
+    """Nested unrolling, or a joint method, or an edge method that does not read low."""
+    program = three_linear_levels(grad_top, "unroll", top_reads_low=grad_top != "cg")
+    program.run(steps=2)
+    assert program.steps["top"] == 2
 
 
 def test_imaml_restart_with_an_implicit_method():
@@ -419,3 +453,97 @@ def test_imaml_restart_with_an_implicit_method():
     expected = lam * torch.linalg.solve(shifted, Q @ (phi_star - q))
     assert (capture.grads[0].reshape(-1) - expected).norm() / expected.norm() <= 1e-8
     assert torch.equal(learner_net.weight.detach()[0], theta)  # restarted after the meta step
+
+
+def test_maml_learner_reading_the_meta_parameters_differentiates_only_its_own():
+    """The learner starts an episode on the meta tensors themselves, and its loss also reads
+    them (M theta): its inner gradient is w.r.t. phi at fixed theta, S(phi - s) + M theta, not
+    the total derivative along phi = theta (which would add M' theta)."""
+    gen = torch.Generator().manual_seed(6)
+    S = torch.randn(3, 3, generator=gen, dtype=DTYPE)
+    S = S @ S.T / 3 + torch.eye(3, dtype=DTYPE)
+    M = torch.randn(3, 3, generator=gen, dtype=DTYPE)
+    s, q = torch.randn(3, generator=gen, dtype=DTYPE), torch.randn(3, generator=gen, dtype=DTYPE)
+    meta_net = torch.nn.Linear(3, 1, bias=False).double()
+    learner_net = torch.nn.Linear(3, 1, bias=False).double()
+    theta, lr = meta_net.weight.detach()[0].clone(), 0.2
+    capture = Capture()
+
+    @ml.level(module=learner_net, init_from="meta",
+              optimizer=torch.optim.SGD(learner_net.parameters(), lr=lr))
+    def learner(meta):
+        phi = learner_net.weight[0]
+        return 0.5 * (phi - s) @ S @ (phi - s) + phi @ (M @ meta.weight[0])
+
+    @ml.level(upper_of="learner", grad="unroll", module=meta_net,
+              optimizer=torch.optim.SGD(meta_net.parameters(), lr=0.0))
+    def meta(learner):
+        return 0.5 * (learner.weight[0] - q).pow(2).sum()
+
+    ml.program(learner, meta, hooks=[capture], progress=False).run(steps=1)
+    phi = theta - lr * (S @ (theta - s) + M @ theta)
+    expected = (torch.eye(3, dtype=DTYPE) - lr * (S + M)).T @ (phi - q)
+    assert torch.allclose(learner_net.weight.detach()[0], phi, atol=1e-14)
+    assert (capture.grads[0].reshape(-1) - expected).norm() / expected.norm() <= 1e-10
+
+
+def test_accumulation_and_mid_cycle_inspection_keep_the_trajectory():
+    """An unrolling level with accumulate=2 backpropagates twice through one trajectory, and
+    program.hypergrad mid-cycle must not free it: both give the plain run's hypergradient."""
+    A, B, t, w0, lam0 = problem(0)
+    results = []
+    for accumulate, inspect in ((1, False), (2, False), (1, True)):
+        params = torch.nn.ParameterList([torch.nn.Parameter(w0.clone())])
+        lam = torch.nn.Parameter(lam0.clone())
+        capture = Capture()
+
+        @ml.level(module=params, optimizer=torch.optim.SGD([params[0]], lr=0.1))
+        def low(up):
+            return 0.5 * params[0] @ A @ params[0] - params[0] @ (B @ up.module)
+
+        @ml.level(upper_of="low", grad="unroll", module=lam, inner_steps=3,
+                  accumulate=accumulate, optimizer=torch.optim.SGD([lam], lr=0.1))
+        def up(low):
+            return 0.5 * (low.module[0] - t).pow(2).sum()
+
+        program = ml.program(low, up, hooks=[capture], progress=False)
+        program.run(steps=4)
+        if inspect:
+            program.hypergrad("up")
+        program.run(steps=2)
+        results.append(torch.stack(capture.grads))
+    assert results[0].shape == (2, 3)
+    assert torch.allclose(results[1], results[0], rtol=1e-12, atol=0)
+    assert torch.allclose(results[2], results[0], rtol=1e-12, atol=0)
+
+
+def test_implicit_upper_beside_an_unrolling_one():
+    """'low' below two uppers: 'left' unrolls it, 'right' differentiates it implicitly. cg
+    (3 iterations on a 3-parameter quadratic) must give what exact gives, on leaf copies of
+    low's current weights."""
+    norms = []
+    for grad_right in (ml.hypergrad.cg(iterations=3, tol=0.0), "exact"):
+        w = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(3, dtype=DTYPE))])
+        left_p = torch.nn.Parameter(torch.zeros(3, dtype=DTYPE))
+        right_p = torch.nn.Parameter(torch.zeros(3, dtype=DTYPE))
+
+        @ml.level(module=w, optimizer=torch.optim.SGD(w.parameters(), lr=0.1))
+        def low(left, right):
+            return (0.5 * (w[0] - left.module - right.module).pow(2).sum()
+                    + 0.05 * w[0].pow(2).sum())
+
+        @ml.level(upper_of="low", grad="unroll", inner_steps=2, module=left_p,
+                  optimizer=torch.optim.SGD([left_p], lr=0.1))
+        def left(low):
+            return 0.5 * (low.module[0] - 1).pow(2).sum()
+
+        @ml.level(upper_of="low", grad=grad_right, inner_steps=2, module=right_p,
+                  optimizer=torch.optim.SGD([right_p], lr=0.1))
+        def right(low):
+            return 0.5 * (low.module[0] - 3).pow(2).sum()
+
+        program = ml.program(low, left, right, progress=False)
+        program.run(steps=6)
+        norms.append(torch.tensor(program.history.series("right", "hypergrad_norm")))
+    assert norms[0].shape == (3,) and bool((norms[0] > 0).all())
+    assert torch.allclose(norms[0], norms[1], rtol=1e-10, atol=0)

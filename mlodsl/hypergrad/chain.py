@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mlodsl.errors import NoDependencyError
+from mlodsl.errors import HypergradError, NoDependencyError
 from mlodsl.hypergrad import kernels
 from mlodsl.hypergrad.base import EdgeProblem, GraphView, HypergradMethod
 
@@ -33,6 +33,13 @@ _LOWER_IGNORES_UPPER = (
     "of '{upper}', so its best response does not depend on them and the implicit "
     "hypergradient is zero. Use '{upper}' in the loss of '{lower}' (add a parameter named "
     "'{upper}'), or remove the upper_of edge."
+)
+_NO_EDGE_RULE = (
+    "the hypergradient of level '{top}' ({where}) reaches '{lower}' through the edge "
+    "'{upper}' -> '{lower}', whose method grad='{method}' has no per-edge rule: an unrolled edge "
+    "is differentiated only by a backward pass through its steps, from a level that unrolls "
+    "'{upper}' too. Use grad='unroll' (nested) or grad='exact' on '{top}', or an implicit "
+    "method on '{upper}'."
 )
 
 
@@ -83,7 +90,10 @@ def total_hypergrad(
 
     v = dict(partial)  # becomes the total derivative as levels are processed bottom-up
     diagnostics: dict[str, Any] = {}
-    for upper in (*below, top):
+    # A joint method on top answers from the partial derivatives alone: the edges below it
+    # would only add to v[...] of levels it never reads.
+    joint_top = callable(getattr(methods[top], "joint", None))
+    for upper in (top,) if joint_top else (*below, top):
         if not lowers[upper]:
             continue
         method = methods[upper]
@@ -99,6 +109,9 @@ def total_hypergrad(
         for lower in lowers[upper]:
             if v[lower] is None:
                 continue
+            if not callable(method):  # an unrolled edge has no vector-Jacobian product here
+                raise HypergradError(_NO_EDGE_RULE.format(
+                    top=top, where=where[top], upper=upper, lower=lower, method=method.name))
             result = method(edge_problem(upper, lower), v[lower])
             _check_reads_upper(result.grad, upper, (lower,), where)
             _accumulate(v, upper, result.grad)

@@ -34,6 +34,12 @@ def unroll(*, steps: int | None = None, first_order: bool = False,
     ``init_from`` on the lower level it restarts from this level's parameters at each of this
     level's steps: MAML.
 
+    Unrolling nests: when the lower level has ``grad="unroll"`` on its own lowers, its steps
+    are taken functionally as well, each on a gradient (``create_graph=True``) through the steps
+    of the levels below it, and this level differentiates through all of them: the derivative
+    of the truncated computation, which approaches the total derivative as the steps grow
+    (memory grows with the product of the levels' step counts; ``checkpoint`` is refused).
+
     Args:
         steps: Differentiate through only the last ``steps`` updates (truncated
             backpropagation); ``None``: all of them.
