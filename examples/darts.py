@@ -49,6 +49,7 @@ SEARCH_STEPS = 800                 # supernet steps (arch steps too, after the w
 WARMUP = 200                       # supernet steps before alpha starts to move
 TRAIN_STEPS = 1000                 # steps of each from-scratch training of a discrete net
 RANDOM_ARCHS = 5
+TRAIN_SEEDS = 2                    # from-scratch trainings per architecture (accuracy averaged)
 BATCH = 32
 WEIGHTS_LR = 0.05                  # SGD (momentum 0.9, cosine decay) for the network weights
 XI = WEIGHTS_LR                    # finite_diff takes H^{-1} ~ XI * identity, as DARTS does
@@ -214,7 +215,8 @@ def search_method(grad: str, xi: float = XI):
 
 def main(search_steps: int = SEARCH_STEPS, train_steps: int = TRAIN_STEPS,
          random_archs: int = RANDOM_ARCHS, grad: str = "finite_diff", xi: float = XI,
-         warmup: int = WARMUP, quiet: bool = False, seed: int = SEED) -> dict[str, object]:
+         warmup: int = WARMUP, train_seeds: int = TRAIN_SEEDS, quiet: bool = False,
+         seed: int = SEED) -> dict[str, object]:
     """Search, derive, retrain the result and random architectures; print and return figures.
 
     Args:
@@ -225,12 +227,14 @@ def main(search_steps: int = SEARCH_STEPS, train_steps: int = TRAIN_STEPS,
         grad: The arch level's hypergradient method (a name).
         xi: ``finite_diff``'s scale of the identity standing for ``H^{-1}``.
         warmup: Supernet steps before alpha starts to move.
+        train_seeds: From-scratch trainings per architecture (initialization seeds).
         quiet: Print nothing.
         seed: Seeds the split, initializations, batch orders and the random architectures.
 
     Returns:
-        ``choice`` (op per edge), ``alpha_softmax`` (rows per edge), ``searched_acc``,
-        ``random_accs`` (list), ``random_choices``, ``random_mean``, ``random_std``,
+        ``choice`` (op per edge), ``alpha_softmax`` (rows per edge), ``searched_acc`` (mean
+        over seeds) and ``searched_accs``, ``random_accs`` (a mean per random architecture),
+        ``random_choices``, ``random_mean``, ``random_std`` (over architectures),
         ``search_s``, ``wall_s``.
     """
     say = (lambda *a: None) if quiet else print
@@ -262,22 +266,30 @@ def main(search_steps: int = SEARCH_STEPS, train_steps: int = TRAIN_STEPS,
 
     rng = random.Random(seed)
     random_choices = [random_architecture(rng) for _ in range(random_archs)]
-    searched_acc = train_from_scratch(choice, splits, train_steps, seed + 7)
-    random_accs = [train_from_scratch(c, splits, train_steps, seed + 7) for c in random_choices]
-    accs = torch.tensor(random_accs)
+
+    def trained(c: Sequence[str]) -> list[float]:
+        return [train_from_scratch(c, splits, train_steps, seed + 7 + k)
+                for k in range(train_seeds)]
+
+    searched = trained(choice)
+    per_random = [trained(c) for c in random_choices]
+    accs = torch.tensor([sum(a) / len(a) for a in per_random])
     std = accs.std().item() if len(accs) > 1 else 0.0
     say()
-    say(f"trained from scratch on train+val ({N_TRAIN + N_VAL} digits), {train_steps} steps "
-        f"each, same initialization seed; test: {len(splits['test'][1])} digits")
+    say(f"trained from scratch on train+val ({N_TRAIN + N_VAL} digits), {train_steps} steps, "
+        f"{train_seeds} initialization seed(s) per architecture (mean, then each); test: "
+        f"{len(splits['test'][1])} digits")
     say("| architecture | test acc |")
     say("|---|---|")
     label = f"finite_diff, xi={xi:g}" if grad == "finite_diff" else grad
-    say(f"| searched ({label}): {', '.join(choice)} | {searched_acc:.3f} |")
-    for c, acc in zip(random_choices, random_accs):
-        say(f"| random: {', '.join(c)} | {acc:.3f} |")
+    cell = lambda a: f"{sum(a) / len(a):.3f} ({', '.join(f'{x:.3f}' for x in a)})"  # noqa: E731
+    say(f"| searched ({label}): {', '.join(choice)} | {cell(searched)} |")
+    for c, a in zip(random_choices, per_random):
+        say(f"| random: {', '.join(c)} | {cell(a)} |")
     say(f"| random, mean +- std over {random_archs} | {accs.mean():.3f} +- {std:.3f} |")
-    results = {"choice": choice, "alpha_softmax": weights.tolist(), "searched_acc": searched_acc,
-               "random_accs": random_accs, "random_choices": random_choices,
+    results = {"choice": choice, "alpha_softmax": weights.tolist(),
+               "searched_acc": sum(searched) / len(searched), "searched_accs": searched,
+               "random_accs": accs.tolist(), "random_choices": random_choices,
                "random_mean": accs.mean().item(), "random_std": std, "search_s": search_s,
                "wall_s": time.perf_counter() - wall}
     say(f"wall time: {results['wall_s']:.1f} s")
@@ -293,6 +305,8 @@ if __name__ == "__main__":
                         help=f"steps of each from-scratch training (default {TRAIN_STEPS})")
     parser.add_argument("--random-archs", type=int, default=RANDOM_ARCHS,
                         help=f"random architectures to compare with (default {RANDOM_ARCHS})")
+    parser.add_argument("--train-seeds", type=int, default=TRAIN_SEEDS,
+                        help=f"trainings per architecture (default {TRAIN_SEEDS})")
     parser.add_argument("--grad", default="finite_diff",
                         help="the arch level's method: finite_diff (default), sama, cg, ...")
     parser.add_argument("--xi", type=float, default=XI,
@@ -303,5 +317,5 @@ if __name__ == "__main__":
     arguments = parser.parse_args()
     main(search_steps=arguments.search_steps, train_steps=arguments.train_steps,
          random_archs=arguments.random_archs, grad=arguments.grad, xi=arguments.xi,
-         warmup=arguments.warmup,
+         warmup=arguments.warmup, train_seeds=arguments.train_seeds,
          seed=arguments.seed)
