@@ -27,7 +27,7 @@ from mlodsl.history import History
 from mlodsl.hooks import HookSet, ProgressBar, wants_progress
 from mlodsl.log import loggers
 from mlodsl.hypergrad.base import EdgeProblem, GraphView
-from mlodsl.hypergrad.chain import total_hypergrad
+from mlodsl.hypergrad.chain import carried_edges, total_hypergrad
 from mlodsl.interrupts import DeferredInterrupt
 from mlodsl.ir import Graph, LevelNode
 from mlodsl.levelcall import add_note, mean_record, split_loss
@@ -88,9 +88,10 @@ class Interpreter(UnrolledSteps):
         self.unroller = (Unroller(self.nodes, self.methods)
                          if any(getattr(m, "unrolls", False) for m in self.methods.values())
                          else None)
-        self.view = GraphView(params=self.params,
-                              below={a.level: a.below for a in self.schedule.actions},
-                              loss=self._loss_for_hypergrad)
+        below = {a.level: a.below for a in self.schedule.actions}
+        self.view = GraphView(params=self.params, below=below, loss=self._loss_for_hypergrad,
+                              carried=carried_edges({n.name: n.reads for n in graph.levels},
+                                                    below, self.lowers))
         # init_from levels that are not unrolled restart by copying (iMAML); unrolled ones
         # restart inside the Unroller (MAML).
         unrolled = set() if self.unroller is None else set(self.unroller.upper_of)
@@ -294,16 +295,16 @@ class Interpreter(UnrolledSteps):
 
     # -- evaluating levels -------------------------------------------------------------------
 
-    def _evaluate(self, node: LevelNode, batch: Any, context: str = "",
-                  per_task: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Call the level's function; return its loss and a record of its metrics."""
+    def _evaluate(self, node: LevelNode, batch: Any, context: str = "", per_task: bool = False,
+                  reserved: Mapping[str, int] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Call the level's function; return its loss and a record of its metrics.
+        ``reserved`` fixes the reserved arguments (``step``, ...) instead of the current ones."""
         name = node.name
         kwargs = dict(self.static_kwargs[name])
         batch_param = self.batch_param[name]
         if batch_param is not None:
             kwargs[batch_param] = batch
-        for param, reserved in self.reserved[name]:
-            kwargs[param] = self._reserved(name, reserved)
+        kwargs.update(self.reserved_values(name) if reserved is None else reserved)
         try:
             call = (node.fn if self.unroller is None or not self.unroller.active
                     else lambda **kw: self.unroller.call(node.fn, kw))
@@ -320,12 +321,11 @@ class Interpreter(UnrolledSteps):
                             f"{when} (program step {self.global_step})")
             raise
 
-    def _reserved(self, level: str, reserved: str) -> int:
-        if reserved == "step":
-            return self.level_steps[level]
-        if reserved == "epoch":
-            return self.streams[level].epoch
-        return self.global_step
+    def reserved_values(self, level: str) -> dict[str, int]:
+        """The reserved arguments of ``level``'s function now, by parameter name."""
+        now = {"step": self.level_steps[level], "epoch": self.streams[level].epoch,
+               "global_step": self.global_step}
+        return {param: now[target] for param, target in self.reserved[level]}
 
     def current_batches(self, name: str) -> tuple[Any, ...]:
         """The micro-batches of ``name``'s latest step (fetching some if it has not stepped)."""

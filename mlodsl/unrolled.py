@@ -38,7 +38,8 @@ class _Scope(torch.nn.Module):
     def __init__(self, modules: Mapping[str, torch.nn.Module]) -> None:
         super().__init__()
         for name, module in modules.items():
-            self.add_module(name, module)
+            # Prefixed: a level may be called 'train' or 'eval', names nn.Module already has.
+            self.add_module(_scoped(name), module)
 
     def forward(self, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
         return fn(**kwargs)
@@ -108,7 +109,7 @@ class Unroller:
         """Run a level function with the current fast weights swapped in."""
         if not self.fast:
             return fn(**kwargs)
-        mapping = {f"{level}.{name}": tensor for level, tensors in self.fast.items()
+        mapping = {f"{_scoped(level)}.{name}": tensor for level, tensors in self.fast.items()
                    for name, tensor in zip(self.names[level], tensors)}
         return torch.func.functional_call(self.scope, mapping, (fn, kwargs), strict=False)
 
@@ -282,11 +283,22 @@ class Unroller:
                     None)
 
     def finish(self, lower: str) -> None:
-        """After the upper level's update: hand the optimizer state back and start over."""
+        """After the upper level's update: hand the optimizer state back and start over.
+
+        Without ``init_from`` the next trajectory begins at the level's next step, from its
+        parameters and optimizer state as they are then: a hook may re-initialize them in
+        between (one whole training run per upper step, as when learning a learning-rate
+        schedule)."""
         node = self.nodes[lower]
-        if node.init_from is None and lower in self.state:
-            self.optimizers[lower].write_back(node.params, self.state[lower])
-        self.restart(lower)
+        if node.init_from is not None:
+            self.restart(lower)
+        else:
+            if lower in self.state:
+                self.optimizers[lower].write_back(node.params, self.state[lower])
+            for table in (self.fast, self.end, self.state):
+                table.pop(lower, None)
+            self.taken[lower] = self.since[lower] = 0
+            self.restart_due.discard(lower)
         for below in self.unrolled_by(lower):  # nested: their trajectories end here too
             self.finish(below)
 
@@ -300,6 +312,11 @@ class Unroller:
 
     def _method(self, lower: str) -> Any:
         return self.nodes[self.upper_of[lower]].method
+
+
+def _scoped(level: str) -> str:
+    """A level's submodule name in the scope module."""
+    return f"level_{level}"
 
 
 def _task_count(batch: Any, level: str, where: str) -> int:

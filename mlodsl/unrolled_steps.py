@@ -34,13 +34,16 @@ class UnrolledSteps:
         upper = self.unroller.upper_of[name]
         every = {a.level: a.every for a in self.schedule.actions}
         records: list[dict[str, Any]] = []
+        # checkpoint=True recomputes the step during the upper's backward pass, when the
+        # counters have moved on: the function must see this step's 'step', 'epoch', ...
+        reserved = self.reserved_values(name)
 
         def loss_of() -> torch.Tensor:
             # May also run during a backward pass (checkpoint=True recomputes the step, and may
             # stop part-way): keep the records of a complete evaluation only.
             losses, fresh = [], []
             for batch in micro:
-                loss, record = self._evaluate(node, batch)
+                loss, record = self._evaluate(node, batch, reserved=reserved)
                 losses.append(loss)
                 fresh.append(record)
             records[:] = fresh

@@ -218,9 +218,11 @@ def test_nested_records_and_schedule():
     assert program.history.series("mid", "mid->low/unrolled_steps") == [3, 3, 3, 3]
     assert len(program.history.series("mid", "hypergrad_norm")) == 4
     assert "every 6 steps" in str(program.compile())
-    # after top's update everything below is written back and detached: plain leaf tensors
+    # after top's update everything below is written back and its trajectory dropped: nothing
+    # keeps a graph, and the next steps start from the real parameters
     runtime = program._runtime
-    assert all(t.grad_fn is None for level in ("low", "mid") for t in runtime.unroller.fast[level])
+    assert all(t.grad_fn is None for tensors in runtime.unroller.fast.values() for t in tensors)
+    assert all(p.grad_fn is None for level in ("low", "mid") for p in runtime.nodes[level].params)
 
 
 def test_accumulation_on_either_level_gives_the_same_hypergradient():

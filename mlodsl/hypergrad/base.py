@@ -68,11 +68,15 @@ class GraphView:
         params: Each level's trainable tensors.
         below: Each level's lower levels (all depths), deepest first.
         loss: Re-evaluates a level's loss at the current parameters on its current batch.
+        carried: For each level, the lowers whose edge carries the hypergradient of a level
+            further up (one whose function reads that lower or a level below it), so the edge
+            is needed even where the level's own loss ignores that lower.
     """
 
     params: Mapping[str, tuple[torch.Tensor, ...]]
     below: Mapping[str, tuple[str, ...]]
     loss: Callable[[str], torch.Tensor]
+    carried: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
 
 @runtime_checkable

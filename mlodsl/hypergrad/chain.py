@@ -84,7 +84,11 @@ def total_hypergrad(
         return any(partial[n] is not None for n in (lower, *view.below[lower]))
 
     for lower in lowers[top]:
-        if partial[lower] is None and not reads_below(lower):
+        # An edge that carries a higher level's hypergradient is fine (learning by ignoring:
+        # pretraining sits above finetuning without reading it); its own update is then its
+        # plain gradient.
+        if (partial[lower] is None and not reads_below(lower)
+                and lower not in view.carried.get(top, ())):
             raise NoDependencyError(_UPPER_IGNORES_LOWER.format(
                 upper=top, lower=lower, where=where[top]))
 
@@ -123,6 +127,19 @@ def total_hypergrad(
     norm = torch.linalg.vector_norm(total)
     diagnostics["hypergrad_norm"] = norm
     return kernels.unflat(total, params[top]), diagnostics
+
+
+def carried_edges(reads: Mapping[str, Sequence[str]], below: Mapping[str, Sequence[str]],
+                  lowers: Mapping[str, Sequence[str]]) -> dict[str, frozenset[str]]:
+    """For each level, its lowers whose edge a level further up needs: one that reads (has the
+    handle of) that lower or a level below it. See :attr:`GraphView.carried`."""
+    carried = {}
+    for upper, its_lowers in lowers.items():
+        above = [a for a, levels in below.items() if upper in levels]
+        carried[upper] = frozenset(
+            low for low in its_lowers
+            if any(r in (low, *below.get(low, ())) for a in above for r in reads[a]))
+    return carried
 
 
 def _check_reads_upper(grad: torch.Tensor | None, upper: str, lowers: Sequence[str],
