@@ -64,6 +64,10 @@ class Unroller:
         self.state: dict[str, list[dict[str, Any]]] = {}
         self.taken: dict[str, int] = {}
         self.optimizers: dict[str, Any] = {}
+        # Distributed runs average each step's gradients over the ranks (differentiably in the
+        # window): (grads, differentiable) -> grads. The identity in one process.
+        self.reduce: Callable[[list[torch.Tensor], bool], list[torch.Tensor]] = (
+            lambda grads, differentiable: grads)
 
     def reset(self) -> None:
         """Forget every trajectory (after parameters were replaced, e.g. by a checkpoint): the
@@ -144,6 +148,7 @@ class Unroller:
                 self.fast[lower] = previous
             grads = [torch.zeros_like(t) if g is None else (g if differentiable else g.detach())
                      for g, t in zip(grads, tensors)]
+            grads = self.reduce(grads, differentiable)
             new, state_out = optimizer.step(list(tensors), grads, state_in)
             layout, flat_state = _flatten_state(state_out)
             out_keys[:] = layout

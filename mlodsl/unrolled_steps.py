@@ -23,6 +23,7 @@ class UnrolledSteps:
 
     unroller: Any
     nodes: dict[str, LevelNode]
+    dist: Any
 
     def _unrolled_update(self, name: str, micro: tuple[Any, ...]) -> dict[str, Any]:
         """A functional, differentiable step of a level its upper unrolls."""
@@ -51,13 +52,15 @@ class UnrolledSteps:
             loss = losses.mean()
             records[:] = [{"loss": loss.detach()}]
         else:
-            loss = self.unroller.step(name, loss_of, position, count)
-        if not self._finite(loss, name, "loss"):
-            return self._skip(mean_record(records))
+            self.unroller.step(name, loss_of, position, count)
+        record = mean_record(records)
+        self.dist.average_(record)  # the global batch's figures: every rank decides alike
+        if not self._finite(record["loss"], name, "loss"):
+            return self._skip(record)
         self.committed = True
         if self.global_step <= self.nodes[upper].warmup:
             self.unroller.finish(name)  # the upper is warming up: nothing to differentiate yet
-        return mean_record(records)
+        return record
 
     def _evaluate_upper(self, node: LevelNode, batch: Any, context: str = ""
                         ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -93,6 +96,10 @@ class UnrolledSteps:
                 "hypergradient is zero. Read the lower level in its loss, and the upper level "
                 "in the lower's loss (or use init_from).")
         grads = [torch.zeros_like(p) if g is None else g for g, p in zip(raw, node.params)]
+        # Distributed: each rank's backward pass holds its share of the derivative of the
+        # global loss (the unrolled steps averaged their gradients differentiably); the mean
+        # of the shares is that derivative.
+        self.dist.mean_tensors_(grads, f"the all-reduce of the hypergradient of '{node.name}'")
         diagnostics: dict[str, Any] = {f"{node.name}->{lower}/unrolled_steps":
                                        self.unroller.taken.get(lower, 0) for lower in lowers}
         diagnostics["hypergrad_norm"] = torch.linalg.vector_norm(kernels.flat(grads))
