@@ -34,6 +34,13 @@ def check_supported(graph: Any) -> None:
     """Refuse what distributed runs cannot do exactly."""
     by_name = {n.name: n for n in graph.levels}
     for node in graph.levels:
+        if any(type(p).__name__ == "DTensor" for p in node.params):
+            raise DistributedError(
+                f"level '{node.name}' ({node.defined_at}) trains sharded parameters (DTensor: "
+                "FSDP2 fully_shard or tensor parallelism), which mlodsl does not support yet: "
+                "hypergradients are made of torch.autograd.grad calls that FSDP's gradient "
+                "hooks never see (docs/design/fsdp.md). Pass the unwrapped module; "
+                "distributed='ddp' replicates it on every rank.")
         if callable(getattr(node.method, "joint", None)) and any(
                 by_name[lower].lowers for lower in node.lowers):
             raise DistributedError(
