@@ -43,8 +43,8 @@ def reference(name: str, steps: int = ddp_bilevel.STEPS) -> dict[str, list[torch
     """One process, the same global batch. A shuffling loader's order under data parallelism
     is DistributedSampler's (seed + epoch), which distributed='ddp' in one process also uses;
     a non-shuffling one is the plain program's."""
-    method, shuffle = ddp_bilevel.CASES[name]
-    program = ddp_bilevel.build(method(), "ddp" if shuffle else False, shuffle)
+    method, shuffle, more = ddp_bilevel.CASES[name]
+    program = ddp_bilevel.build(method(), "ddp" if shuffle else False, shuffle, **more)
     program.run(steps=steps)
     return ddp_bilevel.final(program)
 
@@ -65,7 +65,7 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(cases, name):
 
 
 def test_history_holds_the_global_batch_loss(cases):
-    method, shuffle = ddp_bilevel.CASES["cg"]
+    method, shuffle, _ = ddp_bilevel.CASES["cg"]
     program = ddp_bilevel.build(method(), False, shuffle)
     program.run(steps=ddp_bilevel.STEPS)
     want = [float(r["loss"]) for r in program.history["low"]]

@@ -24,17 +24,22 @@ from torch.utils.data import DataLoader, TensorDataset
 import mlodsl as ml
 
 STEPS = 9
-CASES = {  # name: (method, shuffle)
-    "cg": (lambda: ml.hypergrad.cg(iterations=5), False),
-    "cg_shuffled": (lambda: ml.hypergrad.cg(iterations=5), True),
-    "unroll": (lambda: "unroll", False),
-    "neumann": (lambda: ml.hypergrad.neumann(iterations=4), False),
-    "finite_diff": (lambda: "finite_diff", True),
-    "exact": (lambda: "exact", False),
+CASES = {  # name: (method, shuffle, other options of build)
+    "cg": (lambda: ml.hypergrad.cg(iterations=5), False, {}),
+    "cg_shuffled": (lambda: ml.hypergrad.cg(iterations=5), True, {}),
+    "cg_forward_accumulate": (lambda: ml.hypergrad.cg(iterations=5, hvp="forward"), False,
+                              {"accumulate": 2}),
+    "unroll": (lambda: "unroll", False, {}),
+    "unroll_shuffled_truncated": (lambda: ml.hypergrad.unroll(steps=2), True, {}),
+    "neumann": (lambda: ml.hypergrad.neumann(iterations=4), False, {}),
+    "finite_diff": (lambda: "finite_diff", True, {}),
+    "sama": (lambda: "sama", False, {}),
+    "exact": (lambda: "exact", False, {}),
 }
 
 
-def build(method="cg", distributed=None, shuffle=False, batch_size=8, fail=None, **options):
+def build(method="cg", distributed=None, shuffle=False, batch_size=8, fail=None, accumulate=1,
+          **options):
     """The program; ``fail=(rank, step, kind)`` makes that rank raise or sleep at that step."""
     g = torch.Generator().manual_seed(0)
     teacher = torch.randn(5, 3, generator=g, dtype=torch.float64)
@@ -48,7 +53,8 @@ def build(method="cg", distributed=None, shuffle=False, batch_size=8, fail=None,
     log_decay = torch.nn.Parameter(torch.full((5,), -2.0, dtype=torch.float64))
 
     @ml.level(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.3, momentum=0.5),
-              data=DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle))
+              data=DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle),
+              accumulate=accumulate)
     def low(batch, up, step):
         if fail is not None and ml.distributed.rank() == fail[0] and step == fail[1]:
             if fail[2] == "raise":
@@ -84,8 +90,8 @@ def _error(fn) -> str:
 
 def _cases(out: Path) -> None:
     results: dict[str, object] = {}
-    for name, (method, shuffle) in CASES.items():
-        program = build(method(), "ddp", shuffle)
+    for name, (method, shuffle, more) in CASES.items():
+        program = build(method(), "ddp", shuffle, **more)
         program.run(steps=STEPS)
         results[name] = final(program)
         if name == "cg":
