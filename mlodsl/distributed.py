@@ -367,10 +367,11 @@ class Context:
         if self.world == 1:
             return
         local = torch.stack([consistency.checksum(tensors) for tensors in named.values()])
+        local = local.to(self.comm_device)  # NCCL gathers CUDA tensors only
         gathered = [torch.empty_like(local) for _ in range(self.world)]
         self._call(f"the parameter checksum comparison {when}",
                    torch.distributed.all_gather, gathered, local)
-        consistency.compare_checksums(list(named), gathered, when)
+        consistency.compare_checksums(list(named), [g.cpu() for g in gathered], when)
 
 
 def _buffers(module: Any) -> list[torch.Tensor]:

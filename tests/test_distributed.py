@@ -135,7 +135,11 @@ def test_a_rank_that_hangs_is_named_after_the_timeout(failures):
         "did not join")
 
 
-def test_distributed_option_values():
+def test_distributed_option_values(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert ml.distributed.resolve(None) is None  # a plain process
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert ml.distributed.resolve(None) == ml.distributed.ddp()  # automatic under torchrun
     assert ml.distributed.resolve(False) is None
     assert ml.distributed.resolve("ddp") == ml.distributed.resolve(True) == ml.distributed.ddp()
     custom = ml.distributed.ddp(timeout_s=5, check_every=10)
