@@ -49,6 +49,8 @@ class UnrolledSteps:
                 return self._evaluate(node, task, per_task=True)[0]
 
             losses = self.unroller.step_tasks(name, loss_for, micro[0], position, count)
+            # The module shows the mean of the adapted weights: over every rank's tasks.
+            self.dist.mean_tensors_(node.params, f"the all-reduce of '{name}''s mean weights")
             loss = losses.mean()
             records[:] = [{"loss": loss.detach()}]
         else:

@@ -64,6 +64,14 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(cases, name):
     assert moved.abs().max() > 1e-3  # the upper level did learn: the comparison means something
 
 
+def test_maml_over_tasks_split_between_ranks(cases):
+    # tasks=True: each rank adapts its 12 of the 24 tasks; float32, so rounding-level agreement.
+    want = ddp_bilevel.maml("ddp")
+    for a, b in zip(cases["maml"], want):
+        assert (a - b).abs().max() <= 1e-5
+    assert any((a - b).abs().max() > 0 for a, b in zip(want, ddp_bilevel.maml("ddp", 0)))
+
+
 def test_history_holds_the_global_batch_loss(cases):
     method, shuffle, _ = ddp_bilevel.CASES["cg"]
     program = ddp_bilevel.build(method(), False, shuffle)

@@ -13,6 +13,7 @@ new program) hang, and saves what every rank saw to ``OUT/failures-<rank>.pt``.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -75,6 +76,20 @@ def build(method="cg", distributed=None, shuffle=False, batch_size=8, fail=None,
     return ml.program(low, up, distributed=distributed, seed=0, progress=False, **options)
 
 
+def maml(distributed, steps: int = 6) -> list[torch.Tensor]:
+    """examples/maml_sinusoid.py's program (tasks=True: tasks adapted in parallel, split
+    between the ranks) with a meta-batch of 24 tasks; the meta network's final parameters."""
+    path = Path(__file__).resolve().parents[2] / "examples" / "maml_sinusoid.py"
+    spec = importlib.util.spec_from_file_location("maml_sinusoid", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    net = example.make_mlp(0)
+    program = example.build_maml_program(net, example.TaskSampler(5, 24, 0),
+                                         distributed=distributed, progress=False)
+    program.run(steps=steps)
+    return [p.detach().clone() for p in net.parameters()]
+
+
 def final(program) -> dict[str, list[torch.Tensor]]:
     """Every level's parameters."""
     return {n.name: [p.detach().clone() for p in n.params] for n in program.levels}
@@ -96,6 +111,7 @@ def _cases(out: Path) -> None:
         results[name] = final(program)
         if name == "cg":
             results["cg_history"] = [float(r["loss"]) for r in program.history["low"]]
+    results["maml"] = maml("ddp")
     # Checkpoint half-way (rank 0 writes), resume in a new program on the same ranks.
     first = build(CASES["cg_shuffled"][0](), "ddp", True, checkpoint_dir=out / "ckpts",
                   checkpoint_every=4)
