@@ -72,6 +72,14 @@ def test_maml_over_tasks_split_between_ranks(cases):
     assert any((a - b).abs().max() > 0 for a, b in zip(want, ddp_bilevel.maml("ddp", 0)))
 
 
+def test_rank_0_validates_and_logs_and_every_rank_stops_together(cases):
+    (calls0, rows0, steps0, val0), (calls1, rows1, steps1, val1) = cases["rank0"]
+    assert calls0 > 0 and rows0 > 0 and calls1 == rows1 == 0
+    assert val0 == val1 and all(v["acc"] == 1.0 for v in val0)  # rank 0's figures everywhere
+    # acc never improves, patience 1: both ranks stop at the same program step, before the end.
+    assert steps0 == steps1 and steps0["program"] < ddp_bilevel.STEPS
+
+
 def test_history_holds_the_global_batch_loss(cases):
     method, shuffle, _ = ddp_bilevel.CASES["cg"]
     program = ddp_bilevel.build(method(), False, shuffle)

@@ -112,6 +112,21 @@ def _cases(out: Path) -> None:
         if name == "cg":
             results["cg_history"] = [float(r["loss"]) for r in program.history["low"]]
     results["maml"] = maml("ddp")
+    # Validation, loggers and early stopping: rank 0 validates and logs; every rank agrees.
+    calls, rows = [], []
+
+    def validate(low):
+        calls.append(1)
+        return {"acc": float(ml.distributed.rank() + 1)}  # rank 1 would report 2.0
+
+    program = build("cg", "ddp", validation=validate, validate_every=2,
+                    early_stopping=ml.EarlyStopping("acc", mode="max", patience=1),
+                    logger=lambda metrics, step: rows.append(step))
+    program.run(steps=STEPS)
+    everyone = [None, None]
+    torch.distributed.all_gather_object(everyone, (len(calls), len(rows), program.steps,
+                                                   list(program.history.validation)))
+    results["rank0"] = everyone
     # Checkpoint half-way (rank 0 writes), resume in a new program on the same ranks.
     first = build(CASES["cg_shuffled"][0](), "ddp", True, checkpoint_dir=out / "ckpts",
                   checkpoint_every=4)
