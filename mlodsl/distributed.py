@@ -108,6 +108,7 @@ def is_main() -> bool:
 
 
 _ACTIVE: Context | None = None
+_CREATED: dict[str, Any] = {}  # the process group mlodsl formed (its timeout and store), if any
 _SERIAL = itertools.count()  # contexts are created in the same order on every rank
 
 
@@ -169,17 +170,22 @@ class Context:
             raise DistributedError("distributed='ddp' needs a torch build with "
                                    "torch.distributed; this one has none.")
         timeout = datetime.timedelta(seconds=config.timeout_s)
-        if dist.is_initialized():
+        if dist.is_initialized() and _CREATED.get("timeout_s") not in (None, config.timeout_s):
+            _destroy()  # ours, with another timeout: form it again with this program's
+        if "LOCAL_RANK" in os.environ and device is not None and device.type == "cuda":
+            if device.index is None:  # one GPU per rank
+                device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+            self.device = device
+        if dist.is_initialized() and _CREATED:  # an earlier program's: this one may end it too
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            self.store, self.owns_group = dist.PrefixStore(self.prefix, _CREATED["store"]), True
+        elif dist.is_initialized():
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
             with contextlib.suppress(Exception):  # used only to name a failed rank
                 self.store = dist.PrefixStore(self.prefix,
                                               dist.distributed_c10d._get_default_store())
         elif "WORLD_SIZE" in os.environ:
-            if device is not None and device.type == "cuda" and device.index is None:
-                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            if device is not None and device.type == "cuda":
-                torch.cuda.set_device(device)
-            self.device = device
             backend = config.backend or ("nccl" if device is not None
                                          and device.type == "cuda" else "gloo")
             store, self.rank, self.world = next(dist.rendezvous("env://", timeout=timeout))
@@ -189,6 +195,7 @@ class Context:
             dist.init_process_group(backend, store=dist.PrefixStore("group", self.store),
                                     rank=self.rank, world_size=self.world, timeout=timeout)
             self.owns_group = True
+            _CREATED.update(timeout_s=config.timeout_s, store=store)
             atexit.register(_destroy)
         uses_gloo = self.world > 1 and dist.get_backend() == "gloo"
         self.comm_device = torch.device("cpu") if uses_gloo or self.device is None else (
@@ -379,6 +386,7 @@ def _buffers(module: Any) -> list[torch.Tensor]:
 
 
 def _destroy() -> None:
+    _CREATED.clear()
     with contextlib.suppress(Exception):
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -1,7 +1,8 @@
 """Distributed data parallel: 2 processes (gloo, CPU) launched with torchrun equal one process.
 
 Two launches of ``tests/programs/ddp_bilevel.py``: one runs every exactness, checkpoint and
-error case on the same two ranks; one makes rank 1 fail (raise, then hang). The single-process
+error case on the same two ranks; the other resumes its checkpoint in fresh processes, then
+makes rank 1 fail (raise, then hang). The single-process
 references run here, in the test process.
 """
 
@@ -22,12 +23,12 @@ SCRIPT = Path(ddp_bilevel.__file__)
 TOLERANCE = 1e-12  # float64; the ranks sum in another order than one process
 
 
-def launch(mode: str, out: Path) -> subprocess.CompletedProcess:
+def launch(mode: str, out: Path, *extra: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": f"{SCRIPT.parents[2]}{os.pathsep}{SCRIPT.parents[1]}",
            "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(SCRIPT), mode, str(out)],
+         str(SCRIPT), mode, str(out), *map(str, extra)],
         env=env, capture_output=True, text=True, timeout=180)
 
 
@@ -36,7 +37,7 @@ def cases(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("ddp")
     done = launch("cases", out)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return torch.load(out / "cases.pt")
+    return {**torch.load(out / "cases.pt"), "folder": out}
 
 
 def reference(name: str, steps: int = ddp_bilevel.STEPS) -> dict[str, list[torch.Tensor]]:
@@ -124,11 +125,19 @@ def test_parameters_drifting_apart_are_caught(cases):
 
 
 @pytest.fixture(scope="module")
-def failures(tmp_path_factory) -> list[dict]:
+def failures(tmp_path_factory, cases) -> list[dict]:
     out = tmp_path_factory.mktemp("ddp-failures")
-    done = launch("failures", out)
+    done = launch("failures", out, cases["folder"] / "ckpts")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return [torch.load(out / f"failures-{rank}.pt") for rank in (0, 1)]
+
+
+def test_a_new_launch_resumes_the_checkpoint_exactly(cases, failures):
+    for rank in (0, 1):
+        resumed = failures[rank]["resumed"]
+        for level in ("low", "up"):  # same ranks, same operations: bitwise
+            assert all(torch.equal(a, b) for a, b in zip(resumed[level],
+                                                         cases["cg_shuffled"][level]))
 
 
 def test_a_rank_that_raises_is_named_at_once(failures):

@@ -7,8 +7,9 @@ tests/test_distributed.py as::
     python -m torch.distributed.run --standalone --nproc_per_node=2 ddp_bilevel.py MODE OUT
 
 MODE ``cases`` runs every case of ``CASES`` (and the error cases) and saves, from rank 0, the
-final parameters and messages to ``OUT/cases.pt``; ``failures`` makes rank 1 raise, then (in a
-new program) hang, and saves what every rank saw to ``OUT/failures-<rank>.pt``.
+final parameters and messages to ``OUT/cases.pt``; ``failures CKPTS`` resumes a checkpoint folder of
+a ``cases`` launch, then makes rank 1 raise, then (in a new program) hang, and saves what every
+rank saw to ``OUT/failures-<rank>.pt``.
 """
 
 from __future__ import annotations
@@ -161,9 +162,13 @@ class _Unreduced:
         return ml.hypergrad.EdgeResult(-torch.cat([t.reshape(-1) for t in mixed]), {})
 
 
-def _failures(out: Path) -> None:
-    """Rank 1 raises at its step 3; then, in a new program (a new process group), it hangs."""
-    seen = {}
+def _failures(out: Path, checkpoints: Path) -> None:
+    """Resume the ``cases`` launch's checkpoint in these fresh processes; then rank 1 raises at
+    its step 3; then, in a new program (a new process group), it hangs."""
+    seen: dict[str, object] = {}
+    resumed = build(CASES["cg_shuffled"][0](), "ddp", True).load(checkpoints)
+    resumed.run(steps=STEPS - 4)
+    seen["resumed"] = final(resumed)
     for mode, kind in (("fail", "raise"), ("stuck", 5.0)):
         program = build("cg", ml.distributed.ddp(timeout_s=2.0), fail=(1, 3, kind))
         start = time.monotonic()
@@ -178,4 +183,4 @@ def _failures(out: Path) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     mode, folder = sys.argv[1], Path(sys.argv[2])
-    _cases(folder) if mode == "cases" else _failures(folder)
+    _cases(folder) if mode == "cases" else _failures(folder, Path(sys.argv[3]))
