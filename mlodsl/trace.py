@@ -54,10 +54,9 @@ _TENSOR_DATA = (
     "over batches pass a DataLoader or a list of batches."
 )
 
-PENDING_OPTIONS: tuple[str, ...] = ()  # accepted names whose feature has not landed yet
 OPTIONS = ("device", "seed", "hooks", "progress", "logger", "validation", "validate_every",
            "early_stopping", "checkpoint_dir", "checkpoint_every", "keep_checkpoints",
-           "on_nonfinite", "distributed", *PENDING_OPTIONS)
+           "on_nonfinite", "distributed")
 
 
 def trace(levels: Sequence[Any], options: Mapping[str, Any]) -> Graph:
@@ -177,16 +176,11 @@ def _check_is_level(level: Any, index: int) -> LevelSpec:
 
 
 def _check_options(options: Mapping[str, Any]) -> None:
-    for key, value in options.items():
+    for key in options:
         if key not in OPTIONS:
             raise TypeError(
                 f"ml.program got an unknown option '{key}'.{errors.did_you_mean(key, OPTIONS)} "
                 f"Options: {errors.listing(OPTIONS)}."
-            )
-        if key in PENDING_OPTIONS and value is not None:
-            raise NotImplementedError(
-                f"ml.program option {key}={value!r} is not implemented in this version of "
-                "mlodsl; remove it until it lands."
             )
 
 
