@@ -10,7 +10,7 @@ Example:
     >>> program.run(steps=1000)
 """
 
-from mlodsl import errors, hypergrad, log, viz
+from mlodsl import distributed, errors, hypergrad, log, viz
 from mlodsl.check import HypergradCheck, check_hypergrad
 from mlodsl.compile import Schedule
 from mlodsl.dsl import Level, level
@@ -24,7 +24,8 @@ from mlodsl.validation import EarlyStopping
 __version__ = "0.1.0"
 
 __all__ = [
-    "check_hypergrad", "CheckpointError", "EarlyStopping", "errors", "History", "Hook",
+    "check_hypergrad", "CheckpointError", "distributed", "EarlyStopping", "errors", "History",
+    "Hook",
     "hypergrad", "HypergradCheck", "level", "Level", "load", "log", "MlodslError", "Program",
     "program", "Schedule", "TraceError", "viz",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import random
@@ -48,6 +49,8 @@ def capture(runtime: Any) -> dict[str, Any]:
         "early_stopping": (runtime.early_stopper.state_dict()
                            if runtime.early_stopper is not None else None),
         "rng": _rng_states(),
+        # Distributed: every rank's random states (dropout draws differ between ranks).
+        "rank_rng": _every_rank_rng(runtime.dist) if runtime.dist.world > 1 else None,
     }
 
 
@@ -82,7 +85,10 @@ def restore(runtime: Any, state: dict[str, Any], where: str) -> None:
     # Data positions last: replaying an epoch's order uses (and then restores) the RNG.
     for name in runtime.nodes:
         runtime.streams[name].load_state_dict(state["levels"][name]["data"])
-    _set_rng_states(state["rng"])
+    ranks = state.get("rank_rng")
+    world = runtime.dist.world
+    _set_rng_states(ranks[runtime.dist.rank] if ranks is not None and len(ranks) == world
+                    else state["rng"])
 
 
 def write(state: dict[str, Any], path: str | os.PathLike[str]) -> Path:
@@ -199,6 +205,15 @@ def _rng_states() -> dict[str, Any]:
     states["numpy"] = [kind, torch.from_numpy(keys.copy()), int(pos), int(has_gauss),
                        float(cached)]
     return states
+
+
+def _every_rank_rng(dist: Any) -> list[dict[str, Any]]:
+    # Sent as torch.save bytes: pickling tensors in all_gather_object is not reliable.
+    buffer = io.BytesIO()
+    torch.save(_rng_states(), buffer)
+    gathered = dist.gather_objects(buffer.getvalue(), "the gathering of every rank's random "
+                                   "states for a checkpoint")
+    return [torch.load(io.BytesIO(b), weights_only=True) for b in gathered]
 
 
 def _set_rng_states(states: dict[str, Any]) -> None:

@@ -108,6 +108,8 @@ class DataStream:
         # A shuffling DataLoader draws its order from these states on iter() and the first
         # next(), which follow at once; keeping them makes the epoch reproducible.
         self._epoch_rng = rng_state(getattr(self._data, "generator", None))
+        if hasattr(self._data, "set_epoch"):  # a sharded loader reshuffles per epoch
+            self._data.set_epoch(self.epoch)
         self._iterator = iter(self._data)
 
     # -- checkpoints ---------------------------------------------------------------------------

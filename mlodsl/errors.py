@@ -80,6 +80,11 @@ class HypergradError(LevelRuntimeError):
     """A hypergradient could not be computed (too large for ``exact``, no second-order rule)."""
 
 
+class DistributedError(MlodslError):
+    """A distributed run cannot go on: a rank failed or hangs, the world size does not divide a
+    global batch, ranks disagree on the program, or parameters drifted apart between ranks."""
+
+
 class MissingDependencyError(MlodslError, ImportError):
     """An optional dependency (graphviz, matplotlib, pandas, tensorboard, wandb) is missing.
 

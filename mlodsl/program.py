@@ -117,7 +117,9 @@ class Program:
         Returns:
             One tensor per trainable parameter of the level, in module order.
         """
-        return self._runtime.hypergrad(self.level(level).name)
+        runtime = self._runtime
+        with runtime.dist.active():  # collective in a distributed run: call it on every rank
+            return runtime.hypergrad(self.level(level).name)
 
     @property
     def history(self) -> History:
@@ -139,8 +141,11 @@ class Program:
 
         Returns:
             The path written.
+
+        In a distributed run call it on every rank: rank 0 writes the file, and every rank
+        returns once it is written.
         """
-        return checkpoint.write(checkpoint.capture(self._runtime), path)
+        return self._runtime.save(path)
 
     def load(self, path: str | os.PathLike[str]) -> Program:
         """Restore a run saved by :meth:`save` (or a periodic checkpoint; a folder means its
@@ -153,6 +158,7 @@ class Program:
         runtime = self._runtime
         state, where = checkpoint.read(path, map_location=runtime.device)
         checkpoint.restore(runtime, state, where)
+        runtime.check_in_sync(f"after loading {where}")  # every rank read the same state
         return self
 
     @property
@@ -214,7 +220,10 @@ def program(*levels: Level, **options: Any) -> Program:
             eval mode) with ``validate_every`` (program steps) and ``early_stopping``
             (:class:`mlodsl.EarlyStopping`); ``checkpoint_dir`` with ``checkpoint_every``
             (program steps) and ``keep_checkpoints`` (default 3) for periodic checkpoints;
-            ``on_nonfinite`` (``"raise"``, the default, or ``"skip"`` a NaN/inf update).
+            ``on_nonfinite`` (``"raise"``, the default, or ``"skip"`` a NaN/inf update);
+            ``distributed`` (``"ddp"``, :func:`mlodsl.distributed.ddp` with options, ``False``,
+            or ``None``: data parallel when launched by ``torchrun``; see
+            ``docs/distributed.md``).
 
     Returns:
         The program.

@@ -13,24 +13,25 @@ import math
 import random
 import sys
 import warnings
-from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from mlodsl import checkpoint
+from mlodsl import checkpoint, distributed, sharding
 from mlodsl.compile import Action
 from mlodsl.data import DataStream
 from mlodsl.errors import NonFiniteError
+from mlodsl.evaluation import Evaluation
 from mlodsl.handles import LevelHandle
 from mlodsl.history import History
 from mlodsl.hooks import HookSet, ProgressBar, wants_progress
 from mlodsl.log import loggers
 from mlodsl.hypergrad.base import EdgeProblem, GraphView
-from mlodsl.hypergrad.chain import carried_edges, total_hypergrad
+from mlodsl.hypergrad.chain import carried_edges
 from mlodsl.interrupts import DeferredInterrupt
 from mlodsl.ir import Graph, LevelNode
-from mlodsl.levelcall import add_note, mean_record, split_loss
+from mlodsl.levelcall import mean_record
 from mlodsl.precision import Precision
 from mlodsl.unrolled import Unroller
 from mlodsl.unrolled_steps import UnrolledSteps
@@ -44,7 +45,7 @@ _NON_FINITE = (
 )
 
 
-class Interpreter(UnrolledSteps):
+class Interpreter(UnrolledSteps, Evaluation):
     """Runtime state of a program: counters, data positions, batches, solver state, history."""
 
     def __init__(self, program: Any, graph: Graph) -> None:
@@ -52,14 +53,21 @@ class Interpreter(UnrolledSteps):
         self.graph = graph
         self.schedule = program.schedule
         options = graph.options
-        self.device = None if options.get("device") is None else torch.device(options["device"])
+        device = None if options.get("device") is None else torch.device(options["device"])
+        # Joins the process group when distributed (and picks this rank's GPU).
+        self.dist = distributed.Context(distributed.resolve(options.get("distributed")), device)
+        self.device = self.dist.device
         if options.get("seed") is not None:
             _seed_everything(options["seed"])
         self.nodes: dict[str, LevelNode] = {n.name: n for n in graph.levels}
         if self.device is not None:
             for node in graph.levels:
                 _move_module(node, self.device)
-        self.streams = {n.name: DataStream(n.data, n.name, n.defined_at, self.device)
+        data = {n.name: n.data if not self.dist.enabled else sharding.shard(
+            n.data, n.name, n.defined_at, self.dist.rank, self.dist.world,
+            options.get("seed") or 0) for n in graph.levels}
+        self.dist.start(graph, data)
+        self.streams = {n.name: DataStream(data[n.name], n.name, n.defined_at, self.device)
                         for n in graph.levels}
         self.handles = {n.name: LevelHandle(n.name, n.module) for n in graph.levels}
         self.static_kwargs = {n.name: {a.name: self.handles[a.target] for a in n.arguments
@@ -88,6 +96,8 @@ class Interpreter(UnrolledSteps):
         self.unroller = (Unroller(self.nodes, self.methods)
                          if any(getattr(m, "unrolls", False) for m in self.methods.values())
                          else None)
+        if self.unroller is not None:
+            self.unroller.reduce = self.dist.average_inner
         below = {a.level: a.below for a in self.schedule.actions}
         self.view = GraphView(params=self.params, below=below, loss=self._loss_for_hypergrad,
                               carried=carried_edges({n.name: n.reads for n in graph.levels},
@@ -114,17 +124,19 @@ class Interpreter(UnrolledSteps):
         self.keep_checkpoints = options.get("keep_checkpoints") or 3
         self.interrupt = DeferredInterrupt()
         self.committed = False
+        # Loggers (and the progress bar) on rank 0 only; the user's own hooks on every rank.
         self.user_hooks = HookSet((*(options.get("hooks") or ()),
-                                   *loggers(options.get("logger"))))
+                                   *(loggers(options.get("logger")) if self.dist.is_main
+                                     else ())))
 
     # -- running -----------------------------------------------------------------------------
 
     def run(self, steps: int) -> History:
         hooks = self.user_hooks
-        if wants_progress(self.graph.options.get("progress"), steps):
+        if self.dist.is_main and wants_progress(self.graph.options.get("progress"), steps):
             hooks = HookSet((*hooks.hooks, ProgressBar()))
         self.stopped = None
-        with self.interrupt:
+        with self.interrupt, self.dist.active():
             hooks.fire("on_run_start", program=self.program, steps=steps)
             try:
                 if self.partial is not None:  # finish the program step a failure cut short
@@ -136,6 +148,7 @@ class Interpreter(UnrolledSteps):
                     self._program_step(self.global_step, 0, hooks)
             finally:
                 hooks.fire("on_run_end", program=self.program, history=self.history)
+        self.check_in_sync(f"after run() ended at program step {self.global_step}")
         return self.history
 
     def _program_step(self, step: int, start: int, hooks: HookSet) -> None:
@@ -151,11 +164,27 @@ class Interpreter(UnrolledSteps):
             self._validate(step, hooks)
         self.partial = None
         if self.checkpoint_every is not None and step % self.checkpoint_every == 0:
-            path = checkpoint.write(checkpoint.capture(self),
-                                    checkpoint.periodic_path(self.checkpoint_dir, step))
-            checkpoint.prune(self.checkpoint_dir, self.keep_checkpoints)
+            path = self.save(checkpoint.periodic_path(self.checkpoint_dir, step))
+            if self.dist.is_main:
+                checkpoint.prune(self.checkpoint_dir, self.keep_checkpoints)
             hooks.fire("on_checkpoint", program=self.program, step=step, path=path)
+        every = self.dist.config.check_every if self.dist.enabled else None
+        if every is not None and step % every == 0:
+            self.check_in_sync(f"after program step {step}")
         self.interrupt.check()
+
+    def save(self, path: Any) -> Path:
+        """Write a checkpoint (rank 0 writes; every rank returns once it is on disk)."""
+        self.check_in_sync("before a checkpoint")
+        state = checkpoint.capture(self)
+        if self.dist.is_main:
+            path = checkpoint.write(state, path)
+        self.dist.barrier("the barrier after rank 0 wrote a checkpoint")
+        return Path(path)
+
+    def check_in_sync(self, when: str) -> None:
+        """Distributed runs: raise if any level's parameters differ between ranks."""
+        self.dist.check_in_sync({name: n.params for name, n in self.nodes.items()}, when)
 
     def _step(self, action: Action, index: int, hooks: HookSet) -> None:
         name = action.level
@@ -163,6 +192,8 @@ class Interpreter(UnrolledSteps):
         stream = self.streams[name]
         micro = ((stream.next(),) if node.accumulate == 1
                  else tuple(stream.next() for _ in range(node.accumulate)))
+        if self.dist.enabled:  # named in the error if a collective fails
+            self.dist.at = f"level '{name}', its step {self.level_steps[name] + 1}"
         self.batches[name] = micro
         self.committed = False
         try:
@@ -206,14 +237,15 @@ class Interpreter(UnrolledSteps):
                 with (self._leaf_fast_weights(name) if self.unroller is not None
                       else contextlib.nullcontext()):
                     loss, record = self._evaluate_upper(node, batch)
+                    self.dist.average_(record)  # the global batch's loss and metrics
                     scale = 1.0
                     if scaler is not None:  # scaled hypergradients; the scaler unscales them
                         loss, scale = scaler.scale(loss), scaler.get_scale()
                     grads, diagnostics = self._hypergrad(node, loss, retain=index + 1 < count)
                 norm = diagnostics.pop("hypergrad_norm")
                 if scaler is None and not (math.isfinite(norm.item())
-                                           and math.isfinite(loss.item())):
-                    if not self._finite(loss, name, "loss") or not self._finite(
+                                           and math.isfinite(record["loss"].item())):
+                    if not self._finite(record["loss"], name, "loss") or not self._finite(
                             norm, name, "hypergradient"):
                         return self._skip(record)
                 record["hypergrad_norm"] = norm if scale == 1.0 else norm / scale
@@ -236,13 +268,18 @@ class Interpreter(UnrolledSteps):
             node.optimizer.zero_grad(set_to_none=True)
             for batch in micro:
                 loss, record = self._evaluate(node, batch)
-                if scaler is None and not self._finite(loss, name, "loss"):
-                    node.optimizer.zero_grad(set_to_none=True)
-                    return self._skip(record)
                 if count > 1:
                     loss = loss / count
                 (loss if scaler is None else scaler.scale(loss)).backward(inputs=node.params)
                 records.append(record)
+            records = [mean_record(records)]
+            # Distributed: the global batch's gradient, loss and metrics (one all-reduce), so
+            # the finiteness check below decides the same on every rank.
+            self.dist.average_(records[0], node.params)
+            if scaler is None and not math.isfinite(records[0]["loss"].item()):
+                node.optimizer.zero_grad(set_to_none=True)  # no trace of it, even on raise
+                self._finite(records[0]["loss"], name, "loss")  # raises unless 'skip'
+                return self._skip(records[0])
         if node.clip_grad_norm is not None:
             if scaler is not None:
                 scaler.unscale_(node.optimizer)
@@ -287,97 +324,13 @@ class Interpreter(UnrolledSteps):
         return record
 
     def _validate(self, step: int, hooks: HookSet) -> None:
-        metrics = self.validator(self.program, step)
+        # Rank 0 validates; every rank gets its figures, so early stopping agrees everywhere.
+        metrics = self.validator(self.program, step) if self.dist.is_main else None
+        metrics = self.dist.broadcast_object(metrics, "the broadcast of rank 0's validation")
         self.history.validation.append({"global_step": step, **metrics})
         hooks.fire("on_validation", program=self.program, step=step, metrics=metrics)
         if self.early_stopper is not None:
             self.stopped = self.early_stopper.update(metrics)
-
-    # -- evaluating levels -------------------------------------------------------------------
-
-    def _evaluate(self, node: LevelNode, batch: Any, context: str = "", per_task: bool = False,
-                  reserved: Mapping[str, int] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Call the level's function; return its loss and a record of its metrics.
-        ``reserved`` fixes the reserved arguments (``step``, ...) instead of the current ones."""
-        name = node.name
-        kwargs = dict(self.static_kwargs[name])
-        batch_param = self.batch_param[name]
-        if batch_param is not None:
-            kwargs[batch_param] = batch
-        kwargs.update(self.reserved_values(name) if reserved is None else reserved)
-        try:
-            call = (node.fn if self.unroller is None or not self.unroller.active
-                    else lambda **kw: self.unroller.call(node.fn, kw))
-            if node.precision == "fp32":
-                out = call(**kwargs)
-            else:
-                with self.precision[name].autocast():
-                    out = call(**kwargs)
-            return split_loss(node, out, require_grad=not per_task)
-        except Exception as error:
-            when = (f"after its step {self.level_steps[name]}" if context
-                    else f"at its step {self.level_steps[name] + 1}")
-            add_note(error, f"mlodsl: while running level '{name}' ({node.defined_at}){context} "
-                            f"{when} (program step {self.global_step})")
-            raise
-
-    def reserved_values(self, level: str) -> dict[str, int]:
-        """The reserved arguments of ``level``'s function now, by parameter name."""
-        now = {"step": self.level_steps[level], "epoch": self.streams[level].epoch,
-               "global_step": self.global_step}
-        return {param: now[target] for param, target in self.reserved[level]}
-
-    def current_batches(self, name: str) -> tuple[Any, ...]:
-        """The micro-batches of ``name``'s latest step (fetching some if it has not stepped)."""
-        if name not in self.batches:
-            stream = self.streams[name]
-            self.batches[name] = tuple(stream.next() for _ in range(self.nodes[name].accumulate))
-        return self.batches[name]
-
-    def loss_of(self, name: str, context: str = "") -> torch.Tensor:
-        """``name``'s loss on its current micro-batches (their mean)."""
-        node = self.nodes[name]
-        micro = self.current_batches(name)
-        if len(micro) == 1:
-            return self._evaluate_upper(node, micro[0], context)[0]
-        return sum(self._evaluate_upper(node, b, context)[0] for b in micro) / len(micro)
-
-    def _lower_loss_fn(self, lower: str, upper: str) -> Any:
-        context = f" for the hypergradient of '{upper}'"
-        return lambda: self.loss_of(lower, context)
-
-    def _loss_for_hypergrad(self, name: str) -> torch.Tensor:
-        return self.loss_of(name, " for a hypergradient")
-
-    def _hypergrad(self, node: LevelNode, loss: torch.Tensor,
-                   methods: Mapping[str, Any] | None = None, retain: bool = True
-                   ) -> tuple[list[torch.Tensor], dict[str, Any]]:
-        """``node``'s hypergradient from its ``loss`` (inside :meth:`_leaf_fast_weights`);
-        ``retain`` keeps an unrolled trajectory's graph for a later micro-batch or update."""
-        if methods is None and self.unroller is not None and self.unroller.unrolled_by(node.name):
-            return self._unrolled_hypergrad(node, loss, retain)
-        return total_hypergrad(loss, node.name, self.view, self.lowers,
-                               self.methods if methods is None else methods, self._edge,
-                               self.where)
-
-    def _edge(self, upper: str, lower: str) -> EdgeProblem:
-        return self.edges[(upper, lower)]
-
-    def hypergrad(self, name: str, methods: Mapping[str, Any] | None = None
-                  ) -> tuple[torch.Tensor, ...]:
-        """The gradient ``name`` would apply now (hypergradient for upper levels).
-
-        ``methods`` overrides the levels' hypergradient methods for this call.
-        """
-        node = self.nodes[name]
-        if self.view.below[name]:
-            with self._leaf_fast_weights(name, override=methods is not None):
-                grads, _ = self._hypergrad(node, self.loss_of(name), methods)
-        else:
-            loss = self.loss_of(name)
-            raw = torch.autograd.grad(loss, node.params, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(raw, node.params)]
-        return tuple(g.detach() for g in grads)
 
 
 def _seed_everything(seed: int) -> None:

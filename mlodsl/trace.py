@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from mlodsl import errors
+from mlodsl.distributed import resolve as resolve_distributed
 from mlodsl.dsl import Level, LevelSpec, where_defined
 from mlodsl.hypergrad import DEFAULT, resolve_method
 from mlodsl.ir import BATCH, RESERVED, Argument, Edge, Graph, LevelNode, Read
@@ -54,10 +55,9 @@ _TENSOR_DATA = (
     "over batches pass a DataLoader or a list of batches."
 )
 
-PENDING_OPTIONS = ("distributed",)
 OPTIONS = ("device", "seed", "hooks", "progress", "logger", "validation", "validate_every",
            "early_stopping", "checkpoint_dir", "checkpoint_every", "keep_checkpoints",
-           "on_nonfinite", *PENDING_OPTIONS)
+           "on_nonfinite", "distributed")
 
 
 def trace(levels: Sequence[Any], options: Mapping[str, Any]) -> Graph:
@@ -120,16 +120,11 @@ def _check_is_level(level: Any, index: int) -> LevelSpec:
 
 
 def _check_options(options: Mapping[str, Any]) -> None:
-    for key, value in options.items():
+    for key in options:
         if key not in OPTIONS:
             raise TypeError(
                 f"ml.program got an unknown option '{key}'.{errors.did_you_mean(key, OPTIONS)} "
                 f"Options: {errors.listing(OPTIONS)}."
-            )
-        if key in PENDING_OPTIONS and value is not None:
-            raise NotImplementedError(
-                f"ml.program option {key}={value!r} is not implemented in this version of "
-                "mlodsl; remove it until it lands."
             )
 
 
@@ -152,6 +147,7 @@ def _check_run_options(options: Mapping[str, Any], by_name: Mapping[str, LevelSp
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or value < 1):
             raise errors.TraceError(f"{key} must be a positive integer, got {value!r}")
+    resolve_distributed(options.get("distributed"))  # a bad value fails here, not at run
     if options.get("on_nonfinite", "raise") not in ("raise", "skip"):
         raise errors.TraceError(f"on_nonfinite must be 'raise' or 'skip', got "
                                 f"{options['on_nonfinite']!r}")

@@ -72,6 +72,10 @@ class Unroller:
         self.grads: dict[str, tuple[torch.Tensor, ...]] = {}  # a nested level's latest step
         self.restart_due: set[str] = set()  # init_from levels to restart at their next step
         self.optimizers: dict[str, Any] = {}
+        # Distributed runs average each step's gradients over the ranks (differentiably in the
+        # window): (grads, differentiable) -> grads. The identity in one process.
+        self.reduce: Callable[[list[torch.Tensor], bool], list[torch.Tensor]] = (
+            lambda grads, differentiable: grads)
 
     def reset(self) -> None:
         """Forget every trajectory (after parameters were replaced, e.g. by a checkpoint): the
@@ -208,6 +212,7 @@ class Unroller:
                 self.fast[lower] = previous
             grads = [torch.zeros_like(t) if g is None else (g if differentiable else g.detach())
                      for g, t in zip(grads, tensors)]
+            grads = self.reduce(grads, differentiable)
             if nested:
                 self.grads[lower] = tuple(g.detach() for g in grads)
                 if not window:  # the tensors stayed attached for the gradient; cut them now

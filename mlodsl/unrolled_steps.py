@@ -26,6 +26,7 @@ class UnrolledSteps:
     level_steps: dict[str, int]
     program: Any
     edges: dict[tuple[str, str], Any]
+    dist: Any
 
     def _unrolled_update(self, name: str, micro: tuple[Any, ...], hooks: Any = None
                          ) -> dict[str, Any]:
@@ -55,14 +56,17 @@ class UnrolledSteps:
                 return self._evaluate(node, task, per_task=True)[0]
 
             losses = self.unroller.step_tasks(name, loss_for, micro[0], position, count)
+            # The module shows the mean of the adapted weights: over every rank's tasks.
+            self.dist.mean_tensors_(node.params, f"the all-reduce of '{name}''s mean weights")
             loss = losses.mean()
             records[:] = [{"loss": loss.detach()}]
         else:
-            loss = self.unroller.step(name, loss_of, position, count)
-        if not self._finite(loss, name, "loss"):
-            return self._skip(mean_record(records))
-        self.committed = True
+            self.unroller.step(name, loss_of, position, count)
         record = mean_record(records)
+        self.dist.average_(record)  # the global batch's figures: every rank decides alike
+        if not self._finite(record["loss"], name, "loss"):
+            return self._skip(record)
+        self.committed = True
         lowers = self.unroller.unrolled_by(name)
         if lowers:  # nested: this step's gradient went through the steps of the levels below
             grads = self.unroller.grads[name]
@@ -117,6 +121,10 @@ class UnrolledSteps:
                 "hypergradient is zero. Read the lower level in its loss, and the upper level "
                 "in the lower's loss (or use init_from).")
         grads = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(raw, node.params)]
+        # Distributed: each rank's backward pass holds its share of the derivative of the
+        # global loss (the unrolled steps averaged their gradients differentiably); the mean
+        # of the shares is that derivative.
+        self.dist.mean_tensors_(grads, f"the all-reduce of the hypergradient of '{node.name}'")
         diagnostics: dict[str, Any] = {f"{node.name}->{lower}/unrolled_steps":
                                        self.unroller.since.get(lower, 0) for lower in lowers}
         diagnostics["hypergrad_norm"] = torch.linalg.vector_norm(kernels.flat(grads))

@@ -22,6 +22,7 @@ import torch
 import mlodsl as ml
 from mlodsl import errors
 from programs import (
+    bad_distributed,
     cycle,
     decorated_twice,
     dict_without_loss,
@@ -34,7 +35,6 @@ from programs import (
     missing_optimizer,
     non_scalar_loss,
     not_a_level,
-    pending_option,
     raising_level,
     raising_lower,
     shared_parameter,
@@ -102,7 +102,8 @@ def test_every_error_class_in_errors_is_covered():
                if isinstance(obj, type) and issubclass(obj, errors.MlodslError)}
     bases = {errors.MlodslError, errors.TraceError, errors.LevelRuntimeError}
     missing = {errors.MissingDependencyError}  # optional extras; tested in test_viz/test_log
-    assert defined == set(TRACE_ERRORS) | set(RUNTIME_ERRORS) | bases | missing
+    launched = {errors.DistributedError}  # needs several processes: tests/test_distributed.py
+    assert defined == set(TRACE_ERRORS) | set(RUNTIME_ERRORS) | bases | missing | launched
 
 
 # -- the program modules -----------------------------------------------------------------------
@@ -302,13 +303,13 @@ def test_decorating_a_level_twice():
         decorated_twice.build()
 
 
-def test_option_not_implemented_yet():
+def test_bad_distributed_option():
     with pytest.raises(
-        NotImplementedError,
-        match=r"ml.program option distributed=True is not implemented in this version of "
-              r"mlodsl; remove it until it lands",
+        errors.TraceError,
+        match=r"distributed must be 'ddp' \(or True\), ml.distributed.ddp\(\.\.\.\), False "
+              r"\(never\) or None \(automatic: .*got 'fsdp'",
     ):
-        pending_option.build()
+        bad_distributed.build()
 
 
 # -- runtime errors: the program traces, then fails at its first run or hypergradient --------

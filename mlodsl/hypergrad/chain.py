@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from mlodsl import distributed
 from mlodsl.errors import HypergradError, NoDependencyError
 from mlodsl.hypergrad import kernels
 from mlodsl.hypergrad.base import EdgeProblem, GraphView, HypergradMethod
@@ -73,6 +74,9 @@ def total_hypergrad(
     names = (top, *below)
     flat_params = [p for name in names for p in params[name]]
     grads = torch.autograd.grad(top_loss, flat_params, allow_unused=True)
+    # Distributed: the global loss's partial derivatives, one all-reduce for all of them.
+    distributed.mean_all_([g for g in grads if g is not None],
+                          f"the all-reduce of the partial derivatives of '{top}'")
     partial: dict[str, torch.Tensor | None] = {}
     start = 0
     for name in names:

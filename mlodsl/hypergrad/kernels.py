@@ -2,6 +2,12 @@
 
 Vectors over a level's parameters are flat 1-D tensors: one concatenation per call is cheap next
 to a Hessian-vector product, and it keeps the solvers plain vector algebra.
+
+In a distributed run every product of a lower level's loss (Hessian-vector, mixed derivative,
+dense Jacobian, central difference) is averaged over the ranks where it is computed, with one
+all-reduce of its flat vector (:func:`mlodsl.distributed.mean_`, the identity otherwise): the
+result is the product of the global-batch loss, so every solver built on these kernels takes the
+same steps on every rank.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from typing import Any
 
 import torch
 
+from mlodsl import distributed
 from mlodsl.errors import HypergradError
 
 _NO_SECOND_ORDER = (
@@ -85,7 +92,7 @@ def hvp(g: torch.Tensor, params: Sequence[torch.Tensor], v: torch.Tensor, level:
     result = flat_or_zeros(out, params)
     if result is None:  # the gradient's graph never reaches the parameters: H is undefined
         raise HypergradError(_NO_CURVATURE.format(level=level))
-    return result
+    return distributed.mean_(result, f"the all-reduce of a Hessian-vector product of '{level}'")
 
 
 HVP_MODES = ("reverse", "forward")
@@ -144,7 +151,8 @@ def hessian_operator(mode: str, g: torch.Tensor, params: Sequence[torch.Tensor],
             _, tangent = torch.func.jvp(gradient, primals, tuple(unflat(v, params)))
         except RuntimeError as error:
             raise HypergradError(_NO_SECOND_ORDER.format(level=level, error=error)) from error
-        return flat(tangent).detach()
+        return distributed.mean_(flat(tangent).detach(),
+                                 f"the all-reduce of a Hessian-vector product of '{level}'")
 
     return forward_hvp
 
@@ -159,7 +167,10 @@ def mixed_vjp(g: torch.Tensor, upper_params: Sequence[torch.Tensor], u: torch.Te
         return None
     out = torch.autograd.grad(g, upper_params, grad_outputs=u, retain_graph=retain_graph,
                               allow_unused=True)
-    return flat_or_zeros(out, upper_params)
+    result = flat_or_zeros(out, upper_params)
+    if result is None:
+        return None
+    return distributed.mean_(result, "the all-reduce of a mixed-derivative product")
 
 
 def dense_jacobian(out: torch.Tensor, params: Sequence[torch.Tensor], level: str,
@@ -186,7 +197,7 @@ def dense_jacobian(out: torch.Tensor, params: Sequence[torch.Tensor], level: str
         columns = torch.autograd.grad(out, params, grad_outputs=eye, retain_graph=True,
                                       create_graph=create_graph, allow_unused=True,
                                       is_grads_batched=True)
-        return assemble(columns, n)
+        matrix = assemble(columns, n)
     except RuntimeError:
         # Some operations have no batching rule: fall back to one backward per row.
         rows = []
@@ -198,7 +209,10 @@ def dense_jacobian(out: torch.Tensor, params: Sequence[torch.Tensor], level: str
             except RuntimeError as error:
                 raise HypergradError(_NO_SECOND_ORDER.format(level=level, error=error)) from error
             rows.append(assemble(columns, 1))
-        return torch.cat(rows)
+        matrix = torch.cat(rows)
+    if create_graph:  # nested inside exact's dense solves; distributed runs refuse that case
+        return matrix
+    return distributed.mean_(matrix, f"the all-reduce of a dense Jacobian of '{level}'")
 
 
 def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor,
@@ -290,7 +304,8 @@ def central_mixed_difference(loss: Callable[[], torch.Tensor], params: Sequence[
             torch._foreach_copy_(params, saved)
     if plus is None:
         return None, eps
-    return (plus - minus).mul_(scale / (2 * eps)), eps
+    product = (plus - minus).mul_(scale / (2 * eps))
+    return distributed.mean_(product, "the all-reduce of a finite-difference product"), eps
 
 
 def _grad_or_none(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor | None:

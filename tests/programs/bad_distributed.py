@@ -1,4 +1,4 @@
-"""Bad: distributed=True, a program option this version does not implement yet."""
+"""Bad: distributed='fsdp', a value the distributed option does not accept."""
 
 import torch
 
@@ -12,4 +12,4 @@ def build():
     def regressor():
         return (w - 1).pow(2).sum()
 
-    return ml.program(regressor, distributed=True)
+    return ml.program(regressor, distributed="fsdp")
