@@ -142,9 +142,12 @@ def make_splits(setting: str, seed: int) -> dict[str, Split]:
 
 
 def loader(split: Split, batch_size: int, seed: int) -> DataLoader:
-    """A shuffling DataLoader with its own generator, so its batch order is reproducible."""
+    """A shuffling DataLoader with its own generator, so its batch order is reproducible. It
+    drops the last, incomplete batch of each epoch: on a long-tailed split of a few hundred
+    digits that can be a single example, and a full step of momentum SGD on one example threw
+    the plain classifier off (test accuracy 0.35 on imbalance 50, seed 2)."""
     return DataLoader(TensorDataset(*split), batch_size=batch_size, shuffle=True,
-                      generator=torch.Generator().manual_seed(seed))
+                      drop_last=True, generator=torch.Generator().manual_seed(seed))
 
 
 # -- models --------------------------------------------------------------------------------------
