@@ -8,8 +8,9 @@ Two levels, each a plain decorated function:
 
 * ``classifier`` (lower) is multinomial logistic regression (64 -> 10) trained by full-batch
   SGD on the training digits. Its loss is the mean of the per-example cross-entropies, example
-  ``i`` weighted by ``sigmoid(a_i)``, plus a small L2 penalty on the weights, so the lower
-  problem is strongly convex and has one optimum for every choice of weights.
+  ``i`` weighted by ``sigmoid(a_i)``, plus a small L2 penalty on the weights. The lower
+  problem is then strongly convex, except along a common shift of the ten biases, which
+  changes no prediction (so no loss, and no hypergradient either).
 * ``cleaner`` (upper) trains the 900 logits ``a`` (0 at the start: every weight 0.5) with Adam
   on the classifier's cross-entropy on the validation digits. Its hypergradient is implicit
   (``grad="cg"``): conjugate gradient on the classifier's Hessian (650 parameters), warm-started
