@@ -26,8 +26,8 @@ learned weights. A training example is flagged as corrupted when its learned wei
 binary, so the threshold hardly matters. At the end the CG hypergradient is compared with a
 dense (exact) solve at the final state.
 
-Run it with ``python examples/hyper_cleaning.py`` (three seeds, about a minute on two CPU
-cores); ``--seeds`` and ``--outer-steps`` reduce it.
+Run it with ``python examples/hyper_cleaning.py`` (three seeds, about 20 s on two CPU cores);
+``--seeds`` and ``--outer-steps`` reduce it.
 """
 
 from __future__ import annotations

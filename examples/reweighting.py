@@ -29,7 +29,7 @@ classifier's optimum rather than its next step, so the step size does not enter 
 40 % noise, weight decay 5e-4, seeds 0-2, test accuracy: plain 69.3 +- 5.2 %, unroll
 84.3 +- 9.6 %, finite_diff 79.1 +- 8.2 %, cg 92.1 +- 2.3 % (docs/examples/reweighting.md).
 
-Run it with ``python examples/reweighting.py`` (all five settings, three seeds: a few minutes
+Run it with ``python examples/reweighting.py`` (all five settings, three seeds: about 2 minutes
 on two CPU cores); ``--settings``, ``--seeds`` and ``--steps`` reduce it, ``--grad`` and
 ``--weight-decay`` reproduce the comparisons above.
 """
