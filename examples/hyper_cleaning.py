@@ -36,7 +36,7 @@ import argparse
 import contextlib
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -181,8 +181,8 @@ def train_fixed(split: Split, steps: int) -> nn.Linear:
     return model
 
 
-def run_seed(seed: int, outer_steps: int = OUTER_STEPS, grad=CG, check: bool = False
-             ) -> dict[str, float]:
+def run_seed(seed: int, outer_steps: int = OUTER_STEPS, grad=CG, check: bool = False,
+             show: Callable[..., None] | None = None) -> dict[str, float]:
     """Baseline, oracle and hyper-cleaning on one seed's split and corruption."""
     splits = make_splits(seed)
     steps = WARMUP + outer_steps * INNER_STEPS
@@ -191,6 +191,9 @@ def run_seed(seed: int, outer_steps: int = OUTER_STEPS, grad=CG, check: bool = F
     baseline = train_fixed(splits["train"], steps)
     oracle = train_fixed(Split(splits["train"].x[clean], splits["train"].y[clean]), steps)
     program, model, logits = build_program(splits, grad)
+    if show is not None:
+        show(program)                       # levels, edges, reads and the compiled schedule
+        show()
     program.run(steps=steps)
     weights = torch.sigmoid(logits.detach())
     result = {
@@ -263,7 +266,7 @@ def main(seeds: tuple[int, ...] = SEEDS, outer_steps: int = OUTER_STEPS, quiet: 
     with one_thread():
         rows = []
         for seed in seeds:
-            row = run_seed(seed, outer_steps, check=check)
+            row = run_seed(seed, outer_steps, check=check, show=None if rows else say)
             rows.append(row)
             say(describe(seed, row))
         lines = table(rows, seeds)

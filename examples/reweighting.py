@@ -40,7 +40,7 @@ import argparse
 import contextlib
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -238,12 +238,16 @@ def train_plain(splits: dict[str, Split], steps: int, seed: int,
 
 
 def run_setting(setting: str, seed: int, steps: int = STEPS, method: str = "cg",
-                weight_decay: float = WEIGHT_DECAY) -> dict:
+                weight_decay: float = WEIGHT_DECAY, show: Callable[..., None] | None = None
+                ) -> dict:
     """Test accuracy of the plain and the reweighted classifier on one setting and seed, and
     the learned weight at a few loss values."""
     splits = make_splits(setting, seed)
     plain = train_plain(splits, steps, seed, weight_decay)
     program, net, weight_net = build_program(splits, seed, method, weight_decay)
+    if show is not None:
+        show(program)                       # levels, edges, reads and the compiled schedule
+        show()
     program.run(steps=steps)
     with torch.no_grad():
         curve = weight_net(torch.tensor(LOSS_GRID)).tolist()
@@ -292,7 +296,9 @@ def main(steps: int = STEPS, settings: tuple[str, ...] = SETTINGS,
         for setting in settings:
             results[setting] = []
             for seed in seeds:
-                row = run_setting(setting, seed, steps, method, weight_decay)
+                first = not results[settings[0]][:1]
+                row = run_setting(setting, seed, steps, method, weight_decay,
+                                  show=say if first else None)
                 results[setting].append(row)
                 curve = " ".join(f"{w:.2f}" for w in row["weight_curve"])
                 say(f"{setting:>13}  seed {seed}  plain {row['plain']:.3f}  reweighted "

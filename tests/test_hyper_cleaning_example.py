@@ -71,6 +71,7 @@ def test_reduced_run_beats_the_baseline_and_flags_the_corrupted_digits(example, 
 def test_example_prints_its_table(example, capsys):
     example.main(seeds=(0,), outer_steps=2, check=False)
     out = capsys.readouterr().out
+    assert "cleaner -> classifier  grad=cg  inner_steps=10" in out
     for label in ("noisy baseline", "clean oracle", "hyper-cleaning, mlodsl cg", "gap closed",
                   "F1 of flagged"):
         assert f"| {label}" in out

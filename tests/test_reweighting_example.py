@@ -93,5 +93,7 @@ def test_weighting_network_learns_to_favour_rare_classes(example, one_thread):
 def test_example_prints_its_table(example, capsys):
     example.main(steps=10, settings=("imbalance 10",), seeds=(0, 1))
     out = capsys.readouterr().out
+    assert out.count("Program: 2 level(s), 1 edge(s)") == 1    # the first run's program only
+    assert "weighting -> classifier  grad=cg  inner_steps=5" in out
     assert "| setting | plain | reweighted (mlodsl) | difference |" in out
     assert "| imbalance 10 |" in out and "wall time:" in out
