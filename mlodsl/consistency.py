@@ -41,6 +41,14 @@ def check_supported(graph: Any) -> None:
                 "hypergradients are made of torch.autograd.grad calls that FSDP's gradient "
                 "hooks never see (docs/design/fsdp.md). Pass the unwrapped module; "
                 "distributed='ddp' replicates it on every rank.")
+        if getattr(node.method, "unrolls", False) and node.uppers and getattr(
+                by_name[node.uppers[0]].method, "unrolls", False):
+            raise DistributedError(
+                f"level '{node.name}' ({node.defined_at}) unrolls its lowers while "
+                f"'{node.uppers[0]}' unrolls it (nested unrolling); distributed runs support "
+                "unrolling one level deep only (nested trajectories under all-reduce are not "
+                "verified against one process yet). Run it in one process, or use an implicit "
+                "method (grad='cg') on one of the two edges.")
         if callable(getattr(node.method, "joint", None)) and any(
                 by_name[lower].lowers for lower in node.lowers):
             raise DistributedError(

@@ -383,3 +383,14 @@ def test_four_nested_levels_are_the_derivative_of_the_unrolled_computation():
     program.run(steps=8)
     expected = finite_difference(build, 8)
     assert len(grads) == 1 and rel_err(grads[0], expected) <= 1e-7
+
+
+def test_nested_unrolling_is_refused_under_data_parallelism():
+    """Distributed runs have been verified equal to one process for one level of unrolling
+    only: a nested chain is refused with the reason and the way out, not run unverified."""
+    from mlodsl import consistency
+
+    _, _, program = nested_hypergrad(2, 2, cycles=0)
+    with pytest.raises(ml.errors.DistributedError, match="level 'mid' .* unrolls its lowers "
+                       "while 'top' unrolls it .*one process, or use an implicit method"):
+        consistency.check_supported(program._graph)
