@@ -99,24 +99,26 @@ def launch(processes: int, threads: int, args: argparse.Namespace) -> float:
     return json.loads(line)["ms_per_step"]
 
 
-def main(rounds: int, args: argparse.Namespace) -> dict[str, float]:
+def measure(rounds: int, args: argparse.Namespace) -> dict[str, float]:
     """Median ms per program step of each configuration over ``rounds`` alternating rounds."""
     times: dict[str, list[float]] = {name: [] for name in CONFIGS}
     for _ in range(rounds):
         for name, (processes, threads) in CONFIGS.items():
             times[name].append(launch(processes, threads, args))
     medians = {name: statistics.median(values) for name, values in times.items()}
-    print(f"global batch {args.batch}, {args.steps} timed steps after {args.warmup}, "
-          f"{rounds} round(s); ms per program step (median, all rounds):")
+    print(f"Global batch {args.batch}, {args.steps} timed steps after {args.warmup}, "
+          f"{rounds} round(s); ms per program step (median over rounds):\n")
+    print("| configuration | ms per step (median) | each round |")
+    print("|---|---|---|")
     for name, value in medians.items():
-        print(f"  {name:<28} {value:8.1f}   {', '.join(f'{v:.1f}' for v in times[name])}")
+        print(f"| {name} | {value:.1f} | {', '.join(f'{v:.1f}' for v in times[name])} |")
     one, two = medians["1 process, 1 thread"], medians["2 processes, 1 thread each"]
-    print(f"speed-up of 2 processes over 1: {one / two:.2f}x "
-          f"(1 process with 2 threads: {one / medians['1 process, 2 threads']:.2f}x)")
+    print(f"\nSpeed-up of 2 processes over 1: {one / two:.2f}x "
+          f"(1 process with 2 threads: {one / medians['1 process, 2 threads']:.2f}x).")
     return medians
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> dict[str, float] | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=40)
@@ -124,9 +126,13 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=1024, help="global batch (even)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.worker:
         torch.set_num_threads(args.threads)
         worker(args.steps, args.warmup, args.batch)
-    else:
-        main(args.rounds, args)
+        return None
+    return measure(args.rounds, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -59,7 +59,7 @@ def measure(k: int) -> dict[str, float]:
             "seconds": seconds, "saved": saved["count"], "saved_kib": saved["bytes"] / 1024}
 
 
-def main(steps: tuple[int, ...] = (5, 10, 20, 30, 40, 50)) -> list[dict[str, float]]:
+def table(steps: tuple[int, ...] = (5, 10, 20, 30, 40, 50)) -> list[dict[str, float]]:
     """Print and return one row per ``K``."""
     rows = [measure(k) for k in steps]
     print("| K (low steps per mid step = mid steps per top step) | low steps per top step | "
@@ -73,7 +73,11 @@ def main(steps: tuple[int, ...] = (5, 10, 20, 30, 40, 50)) -> list[dict[str, flo
     return rows
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[5, 10, 20, 30, 40, 50])
-    main(tuple(parser.parse_args().steps))
+    return table(tuple(parser.parse_args(argv).steps))
+
+
+if __name__ == "__main__":
+    main()

@@ -83,6 +83,23 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "(64-256-256-10, batch 256), plain and with `ml.hypergrad.unroll(checkpoint=True)`.",
         quick=("--steps", "2"),
     ),
+    Benchmark(
+        "nested_unroll_accuracy", "Nested unrolling at three levels: error against steps",
+        "`grad=\"unroll\"` on both edges of a three-level quadratic chain (float64): the "
+        "relative error of the top level's hypergradient against the closed-form total "
+        "derivative as the number K of unrolled steps per level grows, the distance to the "
+        "edge-by-edge answer that cg/neumann compute, and the graph it keeps. See "
+        "[Hypergradients](hypergradients.md#nested-unrolling).",
+        quick=("--steps", "2", "4"),
+    ),
+    Benchmark(
+        "ddp_scaling", "Data parallel: one process against two",
+        "Time per program step of a bilevel program (MLP 64-256-256-10, global batch 1024, "
+        "cg with 5 iterations) in one process with one thread, in two `torchrun` processes "
+        "with one thread each (gloo on CPU), and in one process with two threads. Both "
+        "parallel runs use the same two cores. See [Distributed](distributed.md).",
+        quick=("--rounds", "1", "--steps", "2", "--warmup", "1", "--batch", "64"),
+    ),
 )
 
 
