@@ -8,7 +8,6 @@ inside the same program step.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import sys
@@ -32,6 +31,7 @@ from mlodsl.interrupts import DeferredInterrupt
 from mlodsl.ir import Graph, LevelNode
 from mlodsl.levelcall import add_note, mean_record, split_loss
 from mlodsl.precision import Precision
+from mlodsl.task_steps import TaskSteps
 from mlodsl.unrolled import Unroller
 from mlodsl.unrolled_steps import UnrolledSteps
 from mlodsl.validation import EarlyStopper, Validator, validation_params
@@ -44,7 +44,7 @@ _NON_FINITE = (
 )
 
 
-class Interpreter(UnrolledSteps):
+class Interpreter(UnrolledSteps, TaskSteps):
     """Runtime state of a program: counters, data positions, batches, solver state, history."""
 
     def __init__(self, program: Any, graph: Graph) -> None:
@@ -87,13 +87,13 @@ class Interpreter(UnrolledSteps):
             for e in graph.edges}
         self.unroller = (Unroller(self.nodes, self.methods)
                          if any(getattr(m, "unrolls", False) for m in self.methods.values())
-                         else None)
+                         or any(n.tasks for n in graph.levels) else None)
         self.view = GraphView(params=self.params,
                               below={a.level: a.below for a in self.schedule.actions},
                               loss=self._loss_for_hypergrad)
-        # init_from levels that are not unrolled restart by copying (iMAML); unrolled ones
-        # restart inside the Unroller (MAML).
-        unrolled = set() if self.unroller is None else set(self.unroller.upper_of)
+        # init_from levels that are not unrolled restart by copying (iMAML); unrolled and
+        # task-batch ones restart inside the Unroller.
+        unrolled = set() if self.unroller is None else set(self.unroller.names)
         self.restarted_by = {n.name: tuple(low for low in n.lowers
                                            if self.nodes[low].init_from == n.name
                                            and low not in unrolled) for n in graph.levels}
@@ -194,16 +194,16 @@ class Interpreter(UnrolledSteps):
         stepped; counters, data and history are left to the caller. Returns the step's record.
         """
         node = self.nodes[name]
-        if self.unroller is not None and name in self.unroller.upper_of:
-            return self._unrolled_update(name, micro)
+        if self.unroller is not None and name in self.unroller.names:
+            return (self._task_update(name, micro) if name in self.unroller.task_only
+                    else self._unrolled_update(name, micro))
         scaler = self.precision[name].scaler
         count = len(micro)
         records = []
         if self.view.below[name]:
             total: list[torch.Tensor] | None = None
             for batch in micro:
-                with (self._leaf_fast_weights(name) if self.unroller is not None
-                      else contextlib.nullcontext()):
+                with self._upper_weights(name):
                     loss, record = self._evaluate_upper(node, batch)
                     scale = 1.0
                     if scaler is not None:  # scaled hypergradients; the scaler unscales them
@@ -253,20 +253,11 @@ class Interpreter(UnrolledSteps):
             scaler.update()
         self.committed = True
         if self.unroller is not None:
-            for lower in self.unroller.unrolled_by(name):
+            for lower in self.unroller.adapted_by(name):
                 self.unroller.finish(lower)  # the next trajectory starts from here
         for lower in self.restarted_by[name]:
             self._restart_from(lower, name)
         return mean_record(records)
-
-    def _restart_from(self, lower: str, upper: str) -> None:
-        """``init_from`` without unrolling (iMAML): ``lower`` starts over from ``upper``'s
-        current parameters, with a fresh optimizer state."""
-        node = self.nodes[lower]
-        with torch.no_grad():
-            for p, source in zip(node.params, self.nodes[upper].params):
-                p.copy_(source)
-        node.optimizer.state.clear()
 
     def _finite(self, value: torch.Tensor, name: str, what: str) -> bool:
         number = value.item()
@@ -338,6 +329,8 @@ class Interpreter(UnrolledSteps):
         """``name``'s loss on its current micro-batches (their mean)."""
         node = self.nodes[name]
         micro = self.current_batches(name)
+        if node.tasks and name in self.unroller.task_only:
+            return self._task_loss(node, micro[0], context)
         if len(micro) == 1:
             return self._evaluate_upper(node, micro[0], context)[0]
         return sum(self._evaluate_upper(node, b, context)[0] for b in micro) / len(micro)
@@ -371,7 +364,7 @@ class Interpreter(UnrolledSteps):
         """
         node = self.nodes[name]
         if self.view.below[name]:
-            with self._leaf_fast_weights(name, override=methods is not None):
+            with self._upper_weights(name, override=methods is not None):
                 grads, _ = self._hypergrad(node, self.loss_of(name), methods)
         else:
             loss = self.loss_of(name)

@@ -151,10 +151,10 @@ def _check_unrolling(nodes: Sequence[LevelNode]) -> None:
                 f"{where}, so '{source}' must be directly above it: give '{source}' "
                 f"upper_of='{node.name}' (with grad='unroll' for MAML, or an implicit method "
                 "such as grad='cg' with a proximal term in the loss for iMAML).")
-        if node.tasks and unrolled_by.get(node.name) != source:
-            raise errors.InvalidLevelError(
-                f"{where} and tasks=True, which adapts tasks in parallel on unrolled steps: "
-                f"give '{source}' grad='unroll'.")
+        if node.tasks and (node.lowers or by_name[source].method.name == "sama"):
+            raise errors.InvalidLevelError(f"{where} and tasks=True: it must be a lowest level, "
+                                           f"and '{source}' needs grad='unroll' or an implicit "
+                                           "method other than 'sama'.")
         shapes = [tuple(p.shape) for p in node.params]
         theirs = [tuple(p.shape) for p in by_name[source].params]
         if shapes != theirs:

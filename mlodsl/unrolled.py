@@ -21,8 +21,8 @@ from mlodsl.errors import HypergradError
 from mlodsl.ir import LevelNode
 
 _NEEDS_MODULE = (
-    "level '{lower}' ({where}) is unrolled by '{upper}' (grad='unroll'), which swaps its "
-    "parameters for differentiable copies through torch.func.functional_call; that needs its "
+    "level '{lower}' ({where}) is unrolled by '{upper}' (grad='unroll' there, or tasks=True "
+    "here), which swaps its parameters through torch.func.functional_call; that needs its "
     "module to be an nn.Module, but it trains a {kind}. Wrap the tensors in an nn.Module (or "
     "torch.nn.ParameterList), or use an implicit method such as grad='cg'."
 )
@@ -50,15 +50,20 @@ class Unroller:
             if getattr(method, "unrolls", False):
                 for lower in nodes[upper].lowers:
                     self.upper_of[lower] = upper
-        for lower, upper in self.upper_of.items():
-            node = self.nodes[lower]
+        for lower in (*self.upper_of, *(n for n, node in nodes.items() if node.tasks)):
+            node, upper = self.nodes[lower], self.upper_of.get(lower, self.nodes[lower].init_from)
             if not isinstance(node.module, torch.nn.Module):
                 raise HypergradError(_NEEDS_MODULE.format(
                     lower=lower, where=node.defined_at, upper=upper,
                     kind=type(node.module).__name__))
-        # Only the unrolled levels' modules: functional_call walks the whole scope on each call.
-        self.scope = _Scope({lower: nodes[lower].module for lower in self.upper_of})
-        self.names = {lower: _param_names(self.nodes[lower]) for lower in self.upper_of}
+        # tasks=True levels below an implicit method (iMAML): their steps are vmapped over the
+        # tasks like MAML's, but start from detached weights and are never differentiated.
+        self.task_only = tuple(name for name, node in nodes.items()
+                               if node.tasks and name not in self.upper_of)
+        swapped = (*self.upper_of, *self.task_only)
+        # Only these levels' modules: functional_call walks the whole scope on each call.
+        self.scope = _Scope({lower: nodes[lower].module for lower in swapped})
+        self.names = {lower: _param_names(self.nodes[lower]) for lower in swapped}
         self.fast: dict[str, tuple[torch.Tensor, ...]] = {}
         self.end: dict[str, tuple[torch.Tensor, ...]] = {}
         self.state: dict[str, list[dict[str, Any]]] = {}
@@ -70,6 +75,11 @@ class Unroller:
         next step of each unrolled level starts afresh from its current parameters."""
         for table in (self.fast, self.end, self.state, self.taken):
             table.clear()
+
+    def adapted_by(self, upper: str) -> tuple[str, ...]:
+        """The levels that start afresh after each step of ``upper``: those it unrolls and its
+        task-batch lowers."""
+        return tuple(lower for lower in self.nodes[upper].lowers if lower in self.names)
 
     def unrolled_by(self, upper: str) -> tuple[str, ...]:
         """The levels ``upper`` unrolls."""
@@ -168,16 +178,21 @@ class Unroller:
         (``torch.func.vmap``): per-task fast weights, per-task optimizer state. Returns the
         per-task losses."""
         node = self.nodes[lower]
-        method = self._method(lower)
+        implicit = lower in self.task_only
         tasks = _task_count(batch, lower, node.defined_at)
         if self.taken.get(lower, 0) == 0:  # a new episode: every task from the meta weights
             meta = self.nodes[node.init_from].params
-            self.fast[lower] = tuple(p.unsqueeze(0).expand(tasks, *p.shape) for p in meta)
+            self.fast[lower] = tuple((p.detach() if implicit else p).unsqueeze(0)
+                                     .expand(tasks, *p.shape) for p in meta)
         optimizer = self._optimizer(lower)
         if lower not in self.state:
             self.state[lower] = optimizer.init_state(self.fast[lower])
-        window = method.steps is None or count - position <= method.steps
-        differentiable = window and not method.first_order
+        if implicit:  # the upper's implicit method needs only where the steps end
+            window, differentiable = True, False
+        else:
+            method = self._method(lower)
+            window = method.steps is None or count - position <= method.steps
+            differentiable = window and not method.first_order
         current = self.fast[lower]
         if not window:
             current = tuple(t.detach().requires_grad_() for t in current)
@@ -207,9 +222,22 @@ class Unroller:
         return losses
 
     def tasks_lower(self, upper: str) -> str | None:
-        """The ``tasks=True`` level ``upper`` unrolls, if any."""
-        return next((lower for lower in self.unrolled_by(upper) if self.nodes[lower].tasks),
+        """The ``tasks=True`` level directly below ``upper``, if any."""
+        return next((lower for lower in self.nodes[upper].lowers if self.nodes[lower].tasks),
                     None)
+
+    def task_leaves(self, lower: str) -> tuple[torch.Tensor, ...]:
+        """Leaf tensors equal to the adapted per-task weights of a ``tasks=True`` level under
+        an implicit method, swapped in while its upper's hypergradient is computed."""
+        if self.taken.get(lower, 0) == 0:
+            raise HypergradError(
+                f"level '{lower}' ({self.nodes[lower].defined_at}) has tasks=True but has not "
+                "adapted on a task batch since its upper level's last step, so there are no "
+                "per-task weights to differentiate at; run the program before asking for the "
+                "hypergradient.")
+        leaves = tuple(t.detach().requires_grad_() for t in self.end[lower])
+        self.fast[lower] = leaves
+        return leaves
 
     def finish(self, lower: str) -> None:
         """After the upper level's update: hand the optimizer state back and start over."""

@@ -419,3 +419,107 @@ def test_imaml_restart_with_an_implicit_method():
     expected = lam * torch.linalg.solve(shifted, Q @ (phi_star - q))
     assert (capture.grads[0].reshape(-1) - expected).norm() / expected.norm() <= 1e-8
     assert torch.equal(learner_net.weight.detach()[0], theta)  # restarted after the meta step
+
+
+def imaml_program(support, query, theta, tasks, cg_iterations, inner_steps, meta_lr=0.0):
+    """iMAML on regression tasks: the learner takes `inner_steps` SGD steps on its support loss
+    plus lam/2 |phi - theta|^2 from theta; the meta level's hypergradient is per-task CG."""
+    lam = 0.7
+    meta_net = tiny_net(theta)
+    learner_net = tiny_net(theta)
+    capture = Capture()
+
+    @ml.level(module=learner_net, init_from="meta", tasks=tasks, data=lambda: support,
+              optimizer=torch.optim.SGD(learner_net.parameters(), lr=0.2))
+    def learner(batch, meta):
+        x, y = batch
+        prox = sum((p - q).pow(2).sum() for p, q in zip(learner_net.parameters(),
+                                                        meta.parameters()))
+        return (learner_net(x) - y).pow(2).mean() + 0.5 * lam * prox
+
+    @ml.level(upper_of="learner", grad=ml.hypergrad.cg(iterations=cg_iterations, tol=0.0),
+              inner_steps=inner_steps, module=meta_net, data=lambda: query,
+              optimizer=torch.optim.SGD(meta_net.parameters(), lr=meta_lr))
+    def meta(batch, learner):
+        x, y = batch
+        return (learner(x) - y).pow(2).mean()
+
+    class CaptureAll:
+        def on_hypergrad(self, *, program, level, step, grads, diagnostics):
+            capture.grads.append([g.detach().clone() for g in grads])
+
+    program = ml.program(learner, meta, hooks=[CaptureAll()], progress=False)
+    return program, capture, meta_net, learner_net
+
+
+def tiny_net(values=None):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.Tanh(),
+                              torch.nn.Linear(4, 1)).double()
+    if values is not None:
+        with torch.no_grad():
+            for p, v in zip(net.parameters(), values):
+                p.copy_(v)
+    return net
+
+
+@pytest.mark.parametrize("cg_iterations", [2, 30])
+def test_imaml_task_batch_equals_a_task_loop(cg_iterations):
+    """tasks=True under grad='cg': the vmapped adaptation and the per-task CG give, at every
+    meta step, the mean of what separate one-task programs give (also with CG cut short at 2
+    iterations, where one CG over all tasks would differ)."""
+    gen = torch.Generator().manual_seed(5)
+    tasks, inner = 4, 3
+    support = (torch.randn(tasks, 6, 1, generator=gen, dtype=DTYPE),
+               torch.randn(tasks, 6, 1, generator=gen, dtype=DTYPE))
+    query = (torch.randn(tasks, 5, 1, generator=gen, dtype=DTYPE),
+             torch.randn(tasks, 5, 1, generator=gen, dtype=DTYPE))
+    start = [p.detach().clone() for p in tiny_net().parameters()]
+    program, capture, meta_net, _ = imaml_program(support, query, start, True, cg_iterations,
+                                                  inner, meta_lr=0.5)
+    thetas = []
+    for _ in range(2):  # two meta steps: the second starts from moved meta weights
+        thetas.append([p.detach().clone() for p in meta_net.parameters()])
+        program.run(steps=inner)
+    assert len(capture.grads) == 2
+    assert not torch.equal(thetas[0][0], thetas[1][0])
+    for theta, ours in zip(thetas, capture.grads):
+        expected = [torch.zeros_like(t) for t in theta]
+        for i in range(tasks):
+            one = (support[0][i], support[1][i]), (query[0][i], query[1][i])
+            single, got, _, _ = imaml_program(*one, theta, False, cg_iterations, inner)
+            single.run(steps=inner)
+            expected = [e + g / tasks for e, g in zip(expected, got.grads[0])]
+        for a, b in zip(ours, expected):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-13), (a - b).abs().max()
+
+
+def test_imaml_task_batch_history_and_restart():
+    gen = torch.Generator().manual_seed(6)
+    data = tuple(torch.randn(3, 4, 1, generator=gen, dtype=DTYPE) for _ in range(4))
+    start = [p.detach().clone() for p in tiny_net().parameters()]
+    program, _, meta_net, learner_net = imaml_program(data[:2], data[2:], start, True, 5, 2,
+                                                      meta_lr=0.1)
+    history = program.run(steps=4)
+    assert len(history.series("learner", "loss")) == 4
+    assert history.series("meta", "meta->learner/iterations")[-1] == 5
+    # the learner module shows the mean of the adapted tasks; the meta weights moved
+    assert not torch.equal(meta_net[0].weight, learner_net[0].weight)
+    assert not torch.equal(meta_net[0].weight, start[0])
+
+
+def test_task_batch_refuses_sama():
+    net, other = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+
+    @ml.level(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1), tasks=True,
+              init_from="meta")
+    def learner(meta):
+        return (net.weight - meta.weight).pow(2).sum()
+
+    @ml.level(upper_of="learner", grad="sama", module=other,
+              optimizer=torch.optim.SGD(other.parameters(), lr=0.1))
+    def meta(learner):
+        return learner.weight.sum()
+
+    with pytest.raises(InvalidLevelError, match=r"tasks=True.*other than 'sama'"):
+        ml.program(learner, meta)
