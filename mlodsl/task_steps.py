@@ -77,7 +77,7 @@ class TaskSteps:
             leaves = self.unroller.task_leaves(lower)
             self.params[lower] = leaves
             edge = self.edges[(name, lower)]
-            edge.lower_params, edge.tasks = leaves, blocks.block_index(leaves)
+            edge.lower_params, edge.tasks = leaves, blocks.layout(leaves)
         try:
             with self._leaf_fast_weights(name, override):
                 yield

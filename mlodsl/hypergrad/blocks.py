@@ -11,56 +11,81 @@ all blocks share each Hessian-vector product.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 
-def block_index(stacked: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The block (task) of each entry of the flat concatenation of ``stacked``, tensors whose
-    leading dimension is the task."""
-    return torch.cat([torch.arange(t.shape[0], device=t.device).repeat_interleave(t[0].numel())
-                      for t in stacked])
+@dataclass(frozen=True)
+class Blocks:
+    """Where the blocks lie in a flat vector: the concatenation of tensors whose leading
+    dimension is the block (task), so each tensor's slice holds ``tasks`` contiguous runs.
+
+    Attributes:
+        tasks: The number of blocks.
+        sizes: The length of each tensor's slice of the flat vector.
+    """
+
+    tasks: int
+    sizes: tuple[int, ...]
+
+    def dots(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The per-block inner products of ``a`` and ``b``, shape ``(tasks,)``."""
+        pieces = (a * b).split(self.sizes)
+        total = pieces[0].view(self.tasks, -1).sum(1)
+        for piece in pieces[1:]:
+            total += piece.view(self.tasks, -1).sum(1)
+        return total
+
+    def scale(self, factors: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with block ``i`` multiplied by ``factors[i]``."""
+        return torch.cat([(piece.view(self.tasks, -1) * factors[:, None]).reshape(-1)
+                          for piece in x.split(self.sizes)])
 
 
-def _dots(a: torch.Tensor, b: torch.Tensor, index: torch.Tensor, count: int) -> torch.Tensor:
-    return torch.zeros(count, dtype=a.dtype, device=a.device).index_add_(0, index, a * b)
+def layout(stacked: Sequence[torch.Tensor]) -> Blocks:
+    """The blocks of the flat concatenation of ``stacked`` (leading dimension: the block)."""
+    return Blocks(stacked[0].shape[0], tuple(t.numel() for t in stacked))
 
 
 def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor,
-                       index: torch.Tensor, iterations: int, tol: float
-                       ) -> tuple[torch.Tensor, int, float]:
-    """Solve ``A x = b`` for a block-diagonal symmetric ``A`` whose blocks ``index`` names,
-    from zero, each block as :func:`mlodsl.hypergrad.kernels.conjugate_gradient` would alone:
-    it stops at ``||r_i|| <= tol * ||b_i||`` or at non-positive curvature, and falls back to
-    zero if its residual ended above its start.
+                       blocks: Blocks, iterations: int, tol: float
+                       ) -> tuple[torch.Tensor, int, float, int]:
+    """Solve ``A x = b`` for a block-diagonal symmetric ``A`` with ``blocks``, from zero, each
+    block as :func:`mlodsl.hypergrad.kernels.conjugate_gradient` would alone: it stops at
+    ``||r_i|| <= tol * ||b_i||`` or at non-positive curvature, and falls back to zero if its
+    residual ended above its start.
 
     Returns:
-        ``(x, most iterations any block used, largest final relative residual)``.
+        ``(x, most iterations any block used, mean final relative residual of the blocks,
+        blocks left at zero)``: a block is left at zero when its first direction already has
+        non-positive curvature or its residual grew (a non-convex or ill-conditioned task).
     """
-    count = int(index.max()) + 1
-    b_norm = _dots(b, b, index, count).sqrt()
+    b_norm = blocks.dots(b, b).sqrt()
     x, r = torch.zeros_like(b), b.clone()
     p = r.clone()
     rs = start_rs = b_norm.square()
     active = b_norm > 0
+    zero = torch.zeros_like(rs)
     used = 0
     while used < iterations and bool(active.any()):
         ap = matvec(p)
-        curvature = _dots(p, ap, index, count)
+        curvature = blocks.dots(p, ap)
         active = active & (curvature > 0)  # not positive definite along p: stop this block
-        alpha = torch.where(active, rs / curvature, torch.zeros_like(rs))
-        x.addcmul_(alpha[index], p)
-        r.addcmul_(alpha[index], ap, value=-1.0)
-        rs_new = _dots(r, r, index, count)
-        beta = torch.where(active, rs_new / rs, torch.zeros_like(rs))
-        p = torch.where(active[index], beta[index] * p + r, p)
+        alpha = torch.where(active, rs / curvature, zero)
+        x += blocks.scale(alpha, p)
+        r -= blocks.scale(alpha, ap)
+        rs_new = blocks.dots(r, r)
+        p = blocks.scale(torch.where(active, rs_new / rs, zero), p).add_(blocks.scale(
+            active.to(r.dtype), r))  # a stopped block's direction is zero: it moves no more
         rs = torch.where(active, rs_new, rs)
         active = active & (rs.sqrt() > tol * b_norm)
         used += 1
     worse = ~(rs <= start_rs)  # also catches NaN
     if bool(worse.any()):
-        x = torch.where(worse[index], torch.zeros_like(x), x)
+        x = blocks.scale((~worse).to(x.dtype), x)
         rs = torch.where(worse, start_rs, rs)
-    solved = b_norm > 0
-    residual = (rs[solved].sqrt() / b_norm[solved]).max() if bool(solved.any()) else b.new_zeros(())
-    return x, used, float(residual)
+    posed = b_norm > 0
+    relative = rs[posed].sqrt() / b_norm[posed]
+    residual = float(relative.mean()) if bool(posed.any()) else 0.0
+    return x, used, residual, int((relative >= 1.0).sum())

@@ -32,11 +32,11 @@ class CG:
             return hx.add(x, alpha=self.mu) if self.mu else hx
 
         if edge.tasks is not None:  # new tasks at every step: nothing to warm-start from
-            u, used, residual = blocks.conjugate_gradient(matvec, v.detach(), edge.tasks,
-                                                          self.iterations, self.tol)
+            u, used, residual, unsolved = blocks.conjugate_gradient(
+                matvec, v.detach(), edge.tasks, self.iterations, self.tol)
             mixed = kernels.mixed_vjp(g, edge.upper_params, u)
-            return EdgeResult(None if mixed is None else -mixed,
-                              {"residual": residual, "iterations": used})
+            return EdgeResult(None if mixed is None else -mixed, {
+                "residual": residual, "iterations": used, "unsolved_tasks": unsolved})
         previous = edge.state.get("cg_solution") if self.warm_start else None
         if previous is not None and previous.shape != v.shape:
             previous = None
