@@ -66,13 +66,20 @@ class TaskSteps:
         finally:
             self.unroller.fast[name] = stacked
 
-    @contextlib.contextmanager
-    def _upper_weights(self, name: str, override: bool = False) -> Iterator[None]:
+    def _upper_weights(self, name: str, override: bool = False
+                       ) -> contextlib.AbstractContextManager[None]:
         """While ``name``'s hypergradient is computed: its unrolled lowers on leaf copies where
         needed (:meth:`_leaf_fast_weights`), and its task-batch lowers on leaf tensors of their
         adapted per-task weights, which the edge problems see as the lower parameters."""
         tasks = () if self.unroller is None else tuple(
             low for low in self.nodes[name].lowers if low in self.unroller.task_only)
+        if not tasks and not override:  # the common case, once per upper step: nothing to swap
+            return contextlib.nullcontext()
+        return self._swapped_weights(name, tasks, override)
+
+    @contextlib.contextmanager
+    def _swapped_weights(self, name: str, tasks: tuple[str, ...], override: bool
+                         ) -> Iterator[None]:
         for lower in tasks:
             leaves = self.unroller.task_leaves(lower)
             self.params[lower] = leaves

@@ -64,6 +64,8 @@ class Unroller:
         # Only these levels' modules: functional_call walks the whole scope on each call.
         self.scope = _Scope({lower: nodes[lower].module for lower in swapped})
         self.names = {lower: _param_names(self.nodes[lower]) for lower in swapped}
+        self.keys = {lower: tuple(f"{lower}.{name}" for name in names)  # in the scope
+                     for lower, names in self.names.items()}
         self.fast: dict[str, tuple[torch.Tensor, ...]] = {}
         self.end: dict[str, tuple[torch.Tensor, ...]] = {}
         self.state: dict[str, list[dict[str, Any]]] = {}
@@ -103,8 +105,8 @@ class Unroller:
         """Run a level function with the current fast weights swapped in."""
         if not self.fast:
             return fn(**kwargs)
-        mapping = {f"{level}.{name}": tensor for level, tensors in self.fast.items()
-                   for name, tensor in zip(self.names[level], tensors)}
+        mapping = {key: tensor for level, tensors in self.fast.items()
+                   for key, tensor in zip(self.keys[level], tensors)}
         return torch.func.functional_call(self.scope, mapping, (fn, kwargs), strict=False)
 
     def restart(self, lower: str) -> None:
@@ -179,11 +181,14 @@ class Unroller:
         per-task losses."""
         node = self.nodes[lower]
         implicit = lower in self.task_only
-        tasks = _task_count(batch, lower, node.defined_at)
-        if self.taken.get(lower, 0) == 0:  # a new episode: every task from the meta weights
+        leaves, rebuild = task_leaves(batch, lower, node.defined_at)
+        # A new episode: every task starts from the meta weights, passed to vmap unbatched
+        # (in_dims=None) so that the first step runs the shared weights as plain matrix
+        # products rather than one batched product per task.
+        shared = self.taken.get(lower, 0) == 0
+        if shared:
             meta = self.nodes[node.init_from].params
-            self.fast[lower] = tuple((p.detach() if implicit else p).unsqueeze(0)
-                                     .expand(tasks, *p.shape) for p in meta)
+            self.fast[lower] = tuple(p.detach() for p in meta) if implicit else tuple(meta)
         optimizer = self._optimizer(lower)
         if lower not in self.state:
             self.state[lower] = optimizer.init_state(self.fast[lower])
@@ -197,7 +202,17 @@ class Unroller:
         if not window:
             current = tuple(t.detach().requires_grad_() for t in current)
 
-        def one_task(tensors: tuple[torch.Tensor, ...], state: Any, task: Any) -> Any:
+        # vmap gets and returns flat tuples of tensors: its pytree handling of nested inputs
+        # and outputs (a plain SGD state is one empty dict per parameter) costs as much as the
+        # step's arithmetic on a small model.
+        keys, flat_state = _flatten_state(self.state[lower])
+        out_keys: list[list[str]] = []
+        n, m = len(current), len(flat_state)
+
+        def one_task(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            tensors, flat = inputs[:n], inputs[n:n + m]
+            task = rebuild(inputs[n + m:])
+
             def loss_of(weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
                 previous = self.fast[lower]
                 self.fast[lower] = weights
@@ -209,16 +224,17 @@ class Unroller:
             grads, loss = torch.func.grad_and_value(loss_of)(tensors)
             if not differentiable:
                 grads = tuple(g.detach() for g in grads)
-            new, state = optimizer.step(list(tensors), list(grads), state)
-            return tuple(new), state, loss
+            new, state = optimizer.step(list(tensors), list(grads), _unflatten_state(keys, flat))
+            out_keys[:], flat = _flatten_state(state)
+            return (*new, *flat, loss)
 
-        new, self.state[lower], losses = torch.func.vmap(one_task)(current, self.state[lower],
-                                                                   batch)
+        dims = (None if shared else 0,) * (n + m) + (0,) * len(leaves)
+        outputs = torch.func.vmap(one_task, in_dims=dims)(*current, *flat_state, *leaves)
+        new, losses = outputs[:n], outputs[-1]
+        self.state[lower] = _unflatten_state(out_keys, outputs[n:-1])
         self.fast[lower] = self.end[lower] = new
+        # The module keeps its own tensors: each task has its weights, none is "the" learner.
         self.taken[lower] = self.taken.get(lower, 0) + 1
-        with torch.no_grad():  # the module shows the mean of the adapted weights
-            for p, t in zip(node.params, new):
-                p.copy_(t.mean(0))
         return losses
 
     def tasks_lower(self, upper: str) -> str | None:
@@ -258,14 +274,22 @@ class Unroller:
         return self.nodes[self.upper_of[lower]].method
 
 
-def _task_count(batch: Any, level: str, where: str) -> int:
-    leaves = [t for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)]
-    if not leaves or any(t.ndim == 0 or t.shape[0] != leaves[0].shape[0] for t in leaves):
+def task_leaves(batch: Any, level: str, where: str
+                ) -> tuple[list[Any], Callable[[tuple[Any, ...]], Any]]:
+    """A task batch's tensors, checked to share one leading task dimension, and the function
+    that rebuilds a batch of that structure from them (what vmap hands each task)."""
+    if type(batch) in (tuple, list) and all(type(t) is torch.Tensor for t in batch):
+        leaves, rebuild = list(batch), type(batch)  # the common case, without pytree's cost
+    else:
+        leaves, spec = torch.utils._pytree.tree_flatten(batch)
+        rebuild = lambda flat: torch.utils._pytree.tree_unflatten(list(flat), spec)  # noqa: E731
+    if not leaves or any(not isinstance(t, torch.Tensor) or t.ndim == 0
+                         or t.shape[0] != leaves[0].shape[0] for t in leaves):
         raise HypergradError(
-            f"level '{level}' ({where}) has tasks=True, so every tensor of its batch must have "
-            "the same leading task dimension; got shapes "
-            f"{[tuple(t.shape) for t in leaves]}.")
-    return leaves[0].shape[0]
+            f"level '{level}' ({where}) has tasks=True, so its batch must hold only tensors "
+            "with the same leading task dimension; got "
+            f"{[tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in leaves]}.")
+    return leaves, rebuild
 
 
 def _flatten_state(state: list[dict[str, Any]]) -> tuple[list[list[str]], list[torch.Tensor]]:
