@@ -15,10 +15,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from torch.utils.checkpoint import checkpoint as recompute
 
 from mlodsl.errors import HypergradError
 from mlodsl.ir import LevelNode
+from mlodsl.recompute import recomputed
 
 _NEEDS_MODULE = (
     "level '{lower}' ({where}) is unrolled by '{upper}' (grad='unroll' there, or tasks=True "
@@ -143,18 +143,19 @@ class Unroller:
         out_keys: list[list[str]] = []  # the state's layout after the step (deterministic)
         n = len(current)
 
-        def update(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            # Pure in its inputs: with checkpoint=True it runs again during the backward pass.
+        def update(*inputs: torch.Tensor, graph: bool = True) -> tuple[torch.Tensor, ...]:
+            # Pure in its inputs: with checkpoint=True it runs without a graph (graph=False),
+            # then again with one during the backward pass.
             tensors, state_in = inputs[:n], _unflatten_state(keys, inputs[n:])
             previous = self.fast[lower]
             self.fast[lower] = tensors
+            keep = differentiable and graph
             try:
                 loss = loss_of()
-                grads = torch.autograd.grad(loss, tensors, create_graph=differentiable,
-                                            allow_unused=True)
+                grads = torch.autograd.grad(loss, tensors, create_graph=keep, allow_unused=True)
             finally:
                 self.fast[lower] = previous
-            grads = [torch.zeros_like(t) if g is None else (g if differentiable else g.detach())
+            grads = [torch.zeros_like(t) if g is None else (g if keep else g.detach())
                      for g, t in zip(grads, tensors)]
             new, state_out = optimizer.step(list(tensors), grads, state_in)
             layout, flat_state = _flatten_state(state_out)
@@ -162,7 +163,7 @@ class Unroller:
             return (*new, *flat_state, loss)
 
         if method.checkpoint and differentiable:
-            outputs = recompute(update, *current, *state, use_reentrant=False)
+            outputs = recomputed(update, (*current, *state), self._read_by_step(lower))
         else:
             outputs = update(*current, *state)
         new, loss = tuple(outputs[:n]), outputs[-1]
@@ -261,6 +262,17 @@ class Unroller:
         if node.init_from is None and lower in self.state:
             self.optimizers[lower].write_back(node.params, self.state[lower])
         self.restart(lower)
+
+    def _read_by_step(self, lower: str) -> list[Any]:
+        """What a step of ``lower`` may read besides its weights and state: every other level's
+        current tensors and its optimizer's tensor hyperparameters (a learnable step size)."""
+        tensors = [t for name, node in self.nodes.items() if name != lower
+                   for t in self.fast.get(name, node.params)]
+        for group in self.nodes[lower].optimizer.param_groups:
+            for value in group.values():
+                tensors.extend(v for v in (value if isinstance(value, tuple) else (value,))
+                               if isinstance(v, torch.Tensor))
+        return tensors
 
     def _optimizer(self, lower: str) -> Any:
         if lower not in self.optimizers:

@@ -120,6 +120,59 @@ def test_checkpointed_unroll_gives_the_same_hypergradient():
     assert torch.allclose(results[0], results[1], rtol=1e-12, atol=1e-14)
 
 
+def graph_bytes(tensors):
+    """Bytes of the distinct tensors saved in the autograd graph behind ``tensors``."""
+    nodes, saved, stack = set(), {}, [t.grad_fn for t in tensors]
+    while stack:
+        node = stack.pop()
+        if node is None or node in nodes:
+            continue
+        nodes.add(node)
+        values = []
+        for name in dir(node):
+            if name.startswith("_saved_"):
+                value = getattr(node, name)
+                values.extend(value if isinstance(value, (tuple, list)) else (value,))
+        if hasattr(node, "saved_tensors"):  # a custom Function
+            values.extend(node.saved_tensors)
+        for t in values:
+            if isinstance(t, torch.Tensor) and t.numel():
+                saved[(t.data_ptr(), t.numel())] = t.numel() * t.element_size()
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return sum(saved.values())
+
+
+def test_checkpointed_unroll_keeps_only_the_weights_of_each_step():
+    """What the autograd graph holds after K - 1 unrolled steps, before the upper level's update:
+    with checkpoint=True each step's weights and the data, several times less than the
+    activations and second-order graphs of plain unrolling."""
+    K = 12
+    held = {}
+    for checkpoint in (False, True):
+        torch.manual_seed(0)
+        x, y = torch.randn(64, 8, dtype=DTYPE), torch.randn(64, 1, dtype=DTYPE)
+        net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(),
+                                  torch.nn.Linear(32, 1)).double()
+        lam = torch.nn.Parameter(torch.tensor(-2.0, dtype=DTYPE))
+
+        @ml.level(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.05))
+        def fit(hpo):
+            decay = sum(p.pow(2).sum() for p in net.parameters())
+            return (net(x) - y).pow(2).mean() + hpo.exp() * decay
+
+        @ml.level(upper_of="fit", grad=ml.hypergrad.unroll(checkpoint=checkpoint), module=lam,
+                  inner_steps=K, optimizer=torch.optim.SGD([lam], lr=0.0))
+        def hpo(fit):
+            return (fit(x) - y).pow(2).mean()
+
+        program = ml.program(fit, hpo, progress=False)
+        program.run(steps=K - 1)
+        held[checkpoint] = graph_bytes(program._runtime.unroller.fast["fit"])
+    weights = sum(p.numel() for p in net.parameters()) * 8
+    assert held[True] <= K * weights + x.numel() * 8 + 1024, held
+    assert held[False] > 4 * held[True], held
+
+
 def test_second_cycle_starts_from_where_the_lower_level_is():
     lr, K = 0.1, 2
     program, capture, (A, B, t, w0, lam0) = unrolled_program(
@@ -178,7 +231,8 @@ def test_maml_restarts_from_the_meta_parameters(first_order):
     assert torch.allclose(capture.grads[1], capture.grads[0], atol=1e-14)
 
 
-def test_learnable_inner_learning_rate():
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_learnable_inner_learning_rate(checkpoint):
     """The upper level owns the lower optimizer's lr (a tensor in its param group)."""
     A, B, t, w0, lam0 = problem()
     w = torch.nn.ParameterList([torch.nn.Parameter(w0.clone())])
@@ -194,8 +248,8 @@ def test_learnable_inner_learning_rate():
     def lr_level_value():
         return log_lr.exp()
 
-    @ml.level(upper_of="low", grad="unroll", module=log_lr, optimizer=torch.optim.SGD([log_lr],
-                                                                                    lr=0.0))
+    @ml.level(upper_of="low", grad=ml.hypergrad.unroll(checkpoint=checkpoint), module=log_lr,
+              optimizer=torch.optim.SGD([log_lr], lr=0.0))
     def schedule(low):
         return 0.5 * (low.module[0] - t).pow(2).sum()
 
