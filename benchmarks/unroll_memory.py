@@ -2,7 +2,9 @@
 
 Each configuration runs in its own process (peak resident memory only grows), unrolling an MLP
 lower level (64-256-256-10, batch 256) for K steps of SGD under a learned weight decay, then
-taking one hypergradient. Prints the peak resident set size above the process's baseline.
+taking one hypergradient. Prints the peak resident set size above the process's baseline, and
+the memory of the K sets of weights the trajectory must hold (one per step: what checkpointing
+cannot drop).
 
     python benchmarks/unroll_memory.py [--steps 5 20 80]
 """
@@ -41,23 +43,25 @@ def child(steps: int, checkpoint: bool) -> None:
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     program.run(steps=steps)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((peak - base) / 1024)  # KiB -> MiB on Linux
+    weights = sum(p.numel() * p.element_size() for p in net.parameters())
+    print((peak - base) / 1024, steps * weights / 2**20)  # KiB -> MiB on Linux
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[5, 20, 80])
     args = parser.parse_args()
-    print("| unrolled steps | peak MiB, plain | peak MiB, checkpoint=True |")
-    print("|---|---|---|")
+    print("| unrolled steps | peak MiB, plain | peak MiB, checkpoint=True | the steps' weights, MiB |")
+    print("|---|---|---|---|")
     for steps in args.steps:
         cells = []
         for checkpoint in (False, True):
             out = subprocess.run([sys.executable, __file__, "--child", str(steps),
                                   str(int(checkpoint))], capture_output=True, text=True,
                                  check=True)
-            cells.append(f"{float(out.stdout.strip()):.0f}")
-        print(f"| {steps} | {cells[0]} | {cells[1]} |")
+            peak, weights = map(float, out.stdout.split())
+            cells.append(f"{peak:.0f}")
+        print(f"| {steps} | {cells[0]} | {cells[1]} | {weights:.0f} |")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ INNER_STEPS = 10        # learner steps (SGD) per meta step, towards the proxima
 INNER_LR = 0.01         # the learner's SGD step during meta-training (0.02 diverges on some tasks)
 CG_ITERATIONS = 5       # per task, per meta step
 # Meta-iterations of a full run (each: 10 vmapped learner steps and 5 batched HVPs).
-ITERATIONS = 5000
+ITERATIONS = 2000
 
 
 def build_imaml_program(meta_net: nn.Module, sampler: maml.TaskSampler, lam: float = LAM,
@@ -80,7 +80,10 @@ def build_imaml_program(meta_net: nn.Module, sampler: maml.TaskSampler, lam: flo
         x, y = batch
         return F.mse_loss(learner(x), y)
 
-    return ml.program(learner, meta, **options)
+    # As meta-training sharpens the network, ten plain SGD steps can blow up on a rare task (as
+    # they can in evaluation); such a meta-batch is skipped, counted, and the next one starts
+    # afresh from the meta weights.
+    return ml.program(learner, meta, on_nonfinite="skip", **options)
 
 
 def train_imaml(iterations: int, shots: int, seed: int, progress: bool | None = None,
@@ -120,7 +123,8 @@ def main(iterations: int = ITERATIONS, shots: int = SHOTS, quiet: bool = False, 
         ``<model>_<s>step_ci`` (95% interval) and ``<model>_<s>step_median`` for s in 0, 1 and
         10, and ``<model>_worse``; also ``meta_loss_first`` / ``meta_loss_last``,
         ``cg_residual`` (mean relative CG residual over the tasks, over the last iterations),
-        ``cg_unsolved`` (tasks per meta-batch whose CG solve stayed at zero), ``train_s``,
+        ``cg_unsolved`` (tasks per meta-batch whose CG solve stayed at zero), ``skipped``
+        (meta-batches skipped because a task's adaptation blew up), ``train_s``,
         ``ms_per_iteration`` and ``wall_s``.
     """
     say = (lambda *a: None) if quiet else print
@@ -135,10 +139,12 @@ def main(iterations: int = ITERATIONS, shots: int = SHOTS, quiet: bool = False, 
     k = min(500, max(1, len(meta_loss) // 4))
     residuals = program.history.series("meta", "meta->learner/residual")
     unsolved = program.history.series("meta", "meta->learner/unsolved_tasks")
+    skipped = sum(r.get("skipped", 0) for r in program.history["meta"])
     results.update(meta_loss_first=maml.mean_of(meta_loss, True, k),
                    meta_loss_last=maml.mean_of(meta_loss, False, k),
                    cg_residual=maml.mean_of(residuals, False, k),
-                   cg_unsolved=maml.mean_of(unsolved, False, k), train_s=train_s,
+                   cg_unsolved=maml.mean_of(unsolved, False, k), skipped=skipped,
+                   train_s=train_s,
                    ms_per_iteration=1000 * train_s / max(iterations, 1))
     say(f"iMAML, {shots}-shot, lam {lam:g}, {inner_steps} learner steps (SGD {inner_lr:g}), "
         f"{cg_iterations} CG iterations: {iterations} meta-iterations of {META_BATCH} tasks in "
@@ -147,7 +153,8 @@ def main(iterations: int = ITERATIONS, shots: int = SHOTS, quiet: bool = False, 
         f"{results['meta_loss_first']:.3f} -> last {k} {results['meta_loss_last']:.3f}")
     say(f"CG, mean of the last {k} iterations: relative residual {results['cg_residual']:.2f} "
         f"(mean over tasks), {results['cg_unsolved']:.1f} of {META_BATCH} tasks left at zero "
-        "(non-positive curvature or a growing residual: no meta-gradient from them)")
+        "(non-positive curvature or a growing residual: no meta-gradient from them); "
+        f"{skipped} meta-batches skipped as non-finite")
 
     pretrained = maml.train_pretrained(iterations, shots, seed)
     tasks = maml.evaluation_tasks(eval_tasks, shots, seed)

@@ -214,6 +214,7 @@ class Interpreter(UnrolledSteps, TaskSteps):
                                            and math.isfinite(loss.item())):
                     if not self._finite(loss, name, "loss") or not self._finite(
                             norm, name, "hypergradient"):
+                        self._restart_lowers(name)  # the trajectories led nowhere
                         return self._skip(record)
                 record["hypergrad_norm"] = norm if scale == 1.0 else norm / scale
                 record.update(diagnostics)
@@ -252,11 +253,7 @@ class Interpreter(UnrolledSteps, TaskSteps):
             scaler.step(node.optimizer)
             scaler.update()
         self.committed = True
-        if self.unroller is not None:
-            for lower in self.unroller.adapted_by(name):
-                self.unroller.finish(lower)  # the next trajectory starts from here
-        for lower in self.restarted_by[name]:
-            self._restart_from(lower, name)
+        self._restart_lowers(name)
         return mean_record(records)
 
     def _finite(self, value: torch.Tensor, name: str, what: str) -> bool:

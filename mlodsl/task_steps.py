@@ -27,6 +27,16 @@ class TaskSteps:
 
     unroller: Any
     nodes: dict[str, LevelNode]
+    restarted_by: dict[str, tuple[str, ...]]
+
+    def _restart_lowers(self, upper: str) -> None:
+        """After a step of ``upper`` (or one skipped as non-finite): the levels it unrolls or
+        adapts on task batches start new trajectories, its other init_from levels restart."""
+        if self.unroller is not None:
+            for lower in self.unroller.adapted_by(upper):
+                self.unroller.finish(lower)
+        for lower in self.restarted_by[upper]:
+            self._restart_from(lower, upper)
 
     def _restart_from(self, lower: str, upper: str) -> None:
         """``init_from`` without unrolling (iMAML): ``lower`` starts over from ``upper``'s

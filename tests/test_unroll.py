@@ -3,6 +3,8 @@ checkpointing, learnable optimizer hyperparameters, buffers."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -579,3 +581,79 @@ def test_task_batch_refuses_sama():
 
     with pytest.raises(InvalidLevelError, match=r"tasks=True.*other than 'sama'"):
         ml.program(learner, meta)
+
+
+def test_block_conjugate_gradient_solves_each_block_alone():
+    """Per-block CG equals scalar CG on each block, including a block with negative curvature
+    (left at zero) and a block whose operator returns NaN (left at zero, others unharmed)."""
+    from mlodsl.hypergrad import blocks, kernels
+
+    gen = torch.Generator().manual_seed(2)
+    tasks, sizes = 3, (4, 2)
+    mats = []
+    for i in range(tasks):
+        m = torch.randn(6, 6, generator=gen, dtype=DTYPE)
+        mats.append(m @ m.T + torch.eye(6, dtype=DTYPE) if i != 1 else -torch.eye(6, dtype=DTYPE))
+    stacked = [torch.zeros(tasks, s, dtype=DTYPE) for s in sizes]
+    layout = blocks.layout(stacked)
+
+    def split(v):  # flat (param-major) -> per task (6,)
+        a, b = v[:tasks * 4].view(tasks, 4), v[tasks * 4:].view(tasks, 2)
+        return torch.cat([a, b], 1)
+
+    def join(per_task):
+        return torch.cat([per_task[:, :4].reshape(-1), per_task[:, 4:].reshape(-1)])
+
+    def matvec(v, poison=False):
+        out = torch.stack([mats[i] @ row for i, row in enumerate(split(v))])
+        if poison:
+            out[2] = float("nan")
+        return join(out)
+
+    b = join(torch.randn(tasks, 6, generator=gen, dtype=DTYPE))
+    x, _, _, unsolved = blocks.conjugate_gradient(matvec, b, layout, 3, 0.0)
+    for i in range(tasks):
+        alone, _, _ = kernels.conjugate_gradient(lambda v: mats[i] @ v, split(b)[i], None, 3, 0.0)
+        assert torch.allclose(split(x)[i], alone, rtol=1e-12, atol=1e-14)
+    assert unsolved == 1 and torch.equal(split(x)[1], torch.zeros(6, dtype=DTYPE))
+    x, _, _, unsolved = blocks.conjugate_gradient(lambda v: matvec(v, True), b, layout, 3, 0.0)
+    assert unsolved == 2 and torch.isfinite(x).all()
+    assert torch.equal(split(x)[2], torch.zeros(6, dtype=DTYPE))
+    alone, _, _ = kernels.conjugate_gradient(lambda v: mats[0] @ v, split(b)[0], None, 3, 0.0)
+    assert torch.allclose(split(x)[0], alone, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("grad", ["unroll", "cg"])
+def test_a_skipped_meta_step_restarts_the_tasks(grad):
+    """on_nonfinite='skip': a meta-batch whose adaptation blows up is skipped, and the next one
+    starts afresh from the meta weights (not from the broken per-task weights)."""
+    torch.manual_seed(0)
+    meta_net = torch.nn.Linear(1, 1).double()
+    learner_net = torch.nn.Linear(1, 1).double()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 5, 1, generator=gen, dtype=DTYPE)
+    calls = []
+
+    def support():
+        calls.append(1)
+        y = torch.full_like(x, float("inf")) if len(calls) == 2 else x * 2
+        return x, y
+
+    @ml.level(module=learner_net, init_from="meta", tasks=True, data=support,
+              optimizer=torch.optim.SGD(learner_net.parameters(), lr=0.1))
+    def learner(batch, meta):
+        xs, ys = batch
+        prox = sum((p - q).pow(2).sum() for p, q in zip(learner_net.parameters(),
+                                                        meta.parameters()))
+        return (learner_net(xs) - ys).pow(2).mean() + 0.5 * prox
+
+    @ml.level(upper_of="learner", grad=grad, module=meta_net, data=lambda: (x, x * 2),
+              optimizer=torch.optim.SGD(meta_net.parameters(), lr=0.1))
+    def meta(batch, learner):
+        xs, ys = batch
+        return (learner(xs) - ys).pow(2).mean()
+
+    history = ml.program(learner, meta, on_nonfinite="skip", progress=False).run(steps=3)
+    assert [r.get("skipped", 0) for r in history["meta"]] == [0, 1, 0]
+    assert math.isfinite(history["meta"][2]["hypergrad_norm"])
+    assert all(torch.isfinite(p).all() for p in meta_net.parameters())

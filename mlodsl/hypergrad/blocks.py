@@ -37,6 +37,10 @@ class Blocks:
             total += piece.view(self.tasks, -1).sum(1)
         return total
 
+    def spread(self, values: torch.Tensor) -> torch.Tensor:
+        """A flat vector holding ``values[i]`` on every entry of block ``i``."""
+        return torch.cat([values.repeat_interleave(size // self.tasks) for size in self.sizes])
+
     def scale(self, factors: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``x`` with block ``i`` multiplied by ``factors[i]``."""
         return torch.cat([(piece.view(self.tasks, -1) * factors[:, None]).reshape(-1)
@@ -73,17 +77,20 @@ def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.
         curvature = blocks.dots(p, ap)
         active = active & (curvature > 0)  # not positive definite along p: stop this block
         alpha = torch.where(active, rs / curvature, zero)
-        x += blocks.scale(alpha, p)
-        r -= blocks.scale(alpha, ap)
+        # Stopped blocks are left as they are by selection, never by a zero factor: 0 * inf
+        # would be NaN, and a block whose products are not finite must not move.
+        on = blocks.spread(active)
+        x = torch.where(on, x + blocks.scale(alpha, p), x)
+        r = torch.where(on, r - blocks.scale(alpha, ap), r)
         rs_new = blocks.dots(r, r)
-        p = blocks.scale(torch.where(active, rs_new / rs, zero), p).add_(blocks.scale(
-            active.to(r.dtype), r))  # a stopped block's direction is zero: it moves no more
+        beta = torch.where(active, rs_new / rs, zero)
+        p = torch.where(on, blocks.scale(beta, p) + r, p)
         rs = torch.where(active, rs_new, rs)
         active = active & (rs.sqrt() > tol * b_norm)
         used += 1
     worse = ~(rs <= start_rs)  # also catches NaN
-    if bool(worse.any()):
-        x = blocks.scale((~worse).to(x.dtype), x)
+    if bool(worse.any()):  # select, not multiply: 0 * inf is NaN
+        x = torch.where(blocks.spread(worse), torch.zeros_like(x), x)
         rs = torch.where(worse, start_rs, rs)
     posed = b_norm > 0
     relative = rs[posed].sqrt() / b_norm[posed]
