@@ -45,17 +45,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import maml_sinusoid as maml  # noqa: E402
 
 SEED, SHOTS, META_BATCH, META_LR = maml.SEED, maml.SHOTS, maml.META_BATCH, maml.META_LR
-LAM = 1.0               # proximal strength lam: how far from theta a task's solution may go
+LAM = 2.0               # proximal strength lam: how far from theta a task's solution may go
 INNER_STEPS = 10        # learner steps (SGD) per meta step, towards the proximal minimum
 INNER_LR = 0.01         # the learner's SGD step during meta-training (0.02 diverges on some tasks)
 CG_ITERATIONS = 5       # per task, per meta step
+CG_DAMPING = 0.0        # mu: CG solves (H + lam I + mu I) u = grad F
 # Meta-iterations of a full run (each: 10 vmapped learner steps and 5 batched HVPs).
 ITERATIONS = 2000
 
 
 def build_imaml_program(meta_net: nn.Module, sampler: maml.TaskSampler, lam: float = LAM,
                         inner_steps: int = INNER_STEPS, inner_lr: float = INNER_LR,
-                        cg_iterations: int = CG_ITERATIONS, **options) -> ml.Program:
+                        cg_iterations: int = CG_ITERATIONS, cg_damping: float = CG_DAMPING,
+                        **options) -> ml.Program:
     """iMAML: ``inner_steps`` SGD steps per task on its proximal support loss, vmapped over
     the tasks, and a per-task CG meta-gradient. ``sampler`` must have been built with the same
     ``inner_steps``. ``options`` go to ``ml.program``."""
@@ -71,7 +73,7 @@ def build_imaml_program(meta_net: nn.Module, sampler: maml.TaskSampler, lam: flo
                    for phi, theta in zip(learner_net.parameters(), meta.parameters()))
         return F.mse_loss(learner_net(x), y) + 0.5 * lam * prox
 
-    @ml.level(upper_of="learner", grad=ml.hypergrad.cg(iterations=cg_iterations),
+    @ml.level(upper_of="learner", grad=ml.hypergrad.cg(iterations=cg_iterations, mu=cg_damping),
               module=meta_net, inner_steps=inner_steps,
               optimizer=torch.optim.Adam(meta_net.parameters(), lr=META_LR),
               data=sampler.query)
@@ -100,9 +102,31 @@ def train_imaml(iterations: int, shots: int, seed: int, progress: bool | None = 
     return meta_net, program, history.series("meta", "loss"), seconds
 
 
+def proximal_curves(net: nn.Module, tasks: maml.Tasks, lam: float, steps: int = maml.EVAL_STEPS,
+                    lr: float = INNER_LR) -> torch.Tensor:
+    """Like ``maml.fine_tune_curves``, but each step is the learner's step in training: SGD on
+    the support loss plus ``lam/2 |phi - theta|^2``, theta being ``net``'s weights. Query MSE
+    before and after each step, shape (tasks, steps + 1)."""
+    start = {name: p.detach() for name, p in net.named_parameters()}
+
+    def mse(params, x, y):
+        return F.mse_loss(torch.func.functional_call(net, params, (x,)), y)
+
+    def one_task(x_support, y_support, x_query, y_query):
+        params, curve = start, [mse(start, x_query, y_query)]
+        for _ in range(steps):
+            grads = torch.func.grad(mse)(params, x_support, y_support)
+            params = {k: p - lr * (grads[k] + lam * (p - start[k])) for k, p in params.items()}
+            curve.append(mse(params, x_query, y_query))
+        return torch.stack(curve)
+
+    return torch.vmap(one_task)(tasks.x_support, tasks.y_support, tasks.x_query, tasks.y_query)
+
+
 def main(iterations: int = ITERATIONS, shots: int = SHOTS, quiet: bool = False, seed: int = SEED,
          eval_tasks: int = maml.EVAL_TASKS, lam: float = LAM, inner_steps: int = INNER_STEPS,
-         inner_lr: float = INNER_LR, cg_iterations: int = CG_ITERATIONS) -> dict[str, float]:
+         inner_lr: float = INNER_LR, cg_iterations: int = CG_ITERATIONS,
+         cg_damping: float = CG_DAMPING) -> dict[str, float]:
     """Meta-train with iMAML, pretrain the baseline, evaluate both; print and return the
     numbers.
 
@@ -117,9 +141,12 @@ def main(iterations: int = ITERATIONS, shots: int = SHOTS, quiet: bool = False, 
         inner_steps: Learner steps (SGD) per meta-iteration.
         inner_lr: The learner's SGD learning rate during meta-training.
         cg_iterations: Conjugate-gradient iterations per task and meta-iteration.
+        cg_damping: Added to the diagonal of each task's system in CG.
 
     Returns:
-        For each model (``imaml``, ``pretrained``): ``<model>_<s>step``,
+        For each model and adaptation (``imaml``, ``pretrained``: plain SGD steps;
+        ``imaml_prox``, ``pretrained_prox``: the proximal steps of training):
+        ``<model>_<s>step``,
         ``<model>_<s>step_ci`` (95% interval) and ``<model>_<s>step_median`` for s in 0, 1 and
         10, and ``<model>_worse``; also ``meta_loss_first`` / ``meta_loss_last``,
         ``cg_residual`` (mean relative CG residual over the tasks, over the last iterations),
@@ -133,7 +160,8 @@ def main(iterations: int = ITERATIONS, shots: int = SHOTS, quiet: bool = False, 
 
     meta_net, program, meta_loss, train_s = train_imaml(
         iterations, shots, seed, progress=False if quiet else None, lam=lam,
-        inner_steps=inner_steps, inner_lr=inner_lr, cg_iterations=cg_iterations)
+        inner_steps=inner_steps, inner_lr=inner_lr, cg_iterations=cg_iterations,
+        cg_damping=cg_damping)
     say(program)
     say()
     k = min(500, max(1, len(meta_loss) // 4))
@@ -160,7 +188,11 @@ def main(iterations: int = ITERATIONS, shots: int = SHOTS, quiet: bool = False, 
     tasks = maml.evaluation_tasks(eval_tasks, shots, seed)
     results.update(maml.summarize(maml.fine_tune_curves(meta_net, tasks), "imaml"))
     results.update(maml.summarize(maml.fine_tune_curves(pretrained, tasks), "pretrained"))
-    rows = [("iMAML (mlodsl)", "imaml"), ("pretrained on all tasks", "pretrained")]
+    results.update(maml.summarize(proximal_curves(meta_net, tasks, lam), "imaml_prox"))
+    results.update(maml.summarize(proximal_curves(pretrained, tasks, lam), "pretrained_prox"))
+    rows = [("iMAML (mlodsl)", "imaml"), ("pretrained on all tasks", "pretrained"),
+            (f"iMAML, proximal steps (lam {lam:g}) as in training", "imaml_prox"),
+            (f"pretrained, proximal steps (lam {lam:g})", "pretrained_prox")]
 
     say()
     say(f"evaluation: {eval_tasks} held-out tasks (A in [{maml.AMPLITUDE[0]:g}, "
@@ -170,6 +202,8 @@ def main(iterations: int = ITERATIONS, shots: int = SHOTS, quiet: bool = False, 
         f"{maml.X_RANGE[1]:g}], mean +- 95% interval (1.96 std / sqrt(n))")
     for line in maml.table(rows, results):
         say(line)
+    say("iMAML trains the meta weights for its own adaptation (proximal steps, last two rows); "
+        "nothing in it keeps them good for plain SGD steps at this rate (first row).")
     results["wall_s"] = time.perf_counter() - wall
     say(f"wall time: {results['wall_s']:.1f} s")
     return results
@@ -192,7 +226,9 @@ if __name__ == "__main__":
                         help=f"learner SGD learning rate in training (default {INNER_LR:g})")
     parser.add_argument("--cg-iterations", type=int, default=CG_ITERATIONS,
                         help=f"CG iterations per task (default {CG_ITERATIONS})")
+    parser.add_argument("--cg-damping", type=float, default=CG_DAMPING,
+                        help=f"CG damping mu (default {CG_DAMPING:g})")
     arguments = parser.parse_args()
     main(iterations=arguments.iterations, shots=arguments.shots, seed=arguments.seed,
          lam=arguments.lam, inner_steps=arguments.inner_steps, inner_lr=arguments.inner_lr,
-         cg_iterations=arguments.cg_iterations)
+         cg_iterations=arguments.cg_iterations, cg_damping=arguments.cg_damping)
