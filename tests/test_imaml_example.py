@@ -33,12 +33,13 @@ def one_thread():
 def test_reduced_run_beats_the_pretrained_baseline(example, one_thread):
     result = example.main(iterations=REDUCED_ITERATIONS, quiet=True, seed=0,
                           eval_tasks=REDUCED_EVAL_TASKS)
-    # Seed 0, 200 evaluation tasks: iMAML 1.34 after ten plain SGD steps against 3.08 for the
-    # pretrained net, 1.38 against 3.03 with the proximal steps of training.
-    assert result["imaml_10step"] < 0.75 * result["pretrained_10step"]
+    # Seed 0, 200 evaluation tasks, adapted as in training (Adam on the proximal loss): iMAML
+    # 1.88 after ten steps against 3.04 for the pretrained net; with plain SGD steps, 2.10
+    # against 3.08. Longer runs widen the first gap and close the second (see the docs).
     assert result["imaml_prox_10step"] < 0.75 * result["pretrained_prox_10step"]
-    assert result["imaml_10step"] < result["imaml_0step"] - 1.0  # adapting does the work
-    assert result["cg_residual"] < 0.9 and result["cg_unsolved"] < 12
+    assert result["imaml_prox_10step"] < result["imaml_prox_0step"] - 1.0  # adapting works
+    assert result["imaml_10step"] < result["pretrained_10step"]
+    assert result["cg_residual"] < 0.9 and result["cg_unsolved"] < 12 and result["skipped"] == 0
 
 
 def test_example_prints_program_and_table(example, one_thread, capsys):
@@ -46,5 +47,5 @@ def test_example_prints_program_and_table(example, one_thread, capsys):
     out = capsys.readouterr().out
     assert "meta -> learner  grad=cg" in out and "init_from=meta  tasks" in out
     assert "| iMAML (mlodsl) |" in out and "| pretrained on all tasks |" in out
-    assert "| iMAML, proximal steps (lam 2) as in training |" in out
+    assert "| iMAML, adapted as in training (Adam 0.01, lam 2) |" in out
     assert "CG, mean of the last" in out and "wall time:" in out
