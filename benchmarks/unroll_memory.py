@@ -51,7 +51,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[5, 20, 80])
     args = parser.parse_args()
-    print("| unrolled steps | peak MiB, plain | peak MiB, checkpoint=True | the steps' weights, MiB |")
+    print("| unrolled steps | peak MiB, plain | peak MiB, checkpoint=True "
+          "| the steps' weights, MiB |")
     print("|---|---|---|---|")
     for steps in args.steps:
         cells = []
