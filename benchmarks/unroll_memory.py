@@ -4,8 +4,9 @@ Each configuration runs in its own process (peak resident memory only grows), un
 lower level (64-256-256-10, batch 256) for K steps of SGD under a learned weight decay, then
 taking one hypergradient. Prints the peak resident set size above the process's baseline
 (here the resident size is the right measure: the graph of K unrolled steps is tens to
-hundreds of MiB, far above the noise of the interpreter and allocator). The child processes
-run two at a time.
+hundreds of MiB, far above the noise of the interpreter and allocator), and the memory of the
+K sets of weights the trajectory must hold (one per step: what checkpointing cannot drop). The
+child processes run two at a time.
 
     python benchmarks/unroll_memory.py [--steps 5 20 80]
 """
@@ -46,32 +47,38 @@ def child(steps: int, checkpoint: bool) -> None:
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     program.run(steps=steps)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((peak - base) / 1024)  # KiB -> MiB on Linux
+    weights = sum(p.numel() * p.element_size() for p in net.parameters())
+    print((peak - base) / 1024, steps * weights / 2**20)  # KiB -> MiB on Linux
 
 
-def peak_mib(steps: int, checkpoint: bool) -> float:
-    """Peak resident MiB above baseline of one configuration, in a fresh process."""
+def peak_mib(steps: int, checkpoint: bool) -> tuple[float, float]:
+    """Peak resident MiB above baseline of one configuration, in a fresh process, and the MiB
+    of its steps' weights."""
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", str(steps),
                           str(int(checkpoint))], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    peak, weights = map(float, out.stdout.strip().splitlines()[-1].split())
+    return peak, weights
 
 
-def rows(steps: list[int]) -> list[tuple[int, float, float]]:
-    """(unrolled steps, peak MiB plain, peak MiB with checkpoint=True) per entry of ``steps``."""
+def rows(steps: list[int]) -> list[tuple[int, float, float, float]]:
+    """(unrolled steps, peak MiB plain, peak MiB with checkpoint=True, MiB of the steps'
+    weights) per entry of ``steps``."""
     configs = [(k, checkpoint) for k in steps for checkpoint in (False, True)]
     with ThreadPoolExecutor(max_workers=2) as pool:
         peaks = list(pool.map(lambda c: peak_mib(*c), configs))
-    return [(k, peaks[2 * i], peaks[2 * i + 1]) for i, k in enumerate(steps)]
+    return [(k, peaks[2 * i][0], peaks[2 * i + 1][0], peaks[2 * i][1])
+            for i, k in enumerate(steps)]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[5, 20, 80])
     args = parser.parse_args(argv)
-    print("| unrolled steps | peak MiB, plain | peak MiB, checkpoint=True |")
-    print("|---|---|---|")
-    for steps, plain, checkpointed in rows(args.steps):
-        print(f"| {steps} | {plain:.0f} | {checkpointed:.0f} |")
+    print("| unrolled steps | peak MiB, plain | peak MiB, checkpoint=True "
+          "| the steps' weights, MiB |")
+    print("|---|---|---|---|")
+    for steps, plain, checkpointed, weights in rows(args.steps):
+        print(f"| {steps} | {plain:.0f} | {checkpointed:.0f} | {weights:.0f} |")
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":

@@ -49,6 +49,12 @@ def check_supported(graph: Any) -> None:
                 "unrolling one level deep only (nested trajectories under all-reduce are not "
                 "verified against one process yet). Run it in one process, or use an implicit "
                 "method (grad='cg') on one of the two edges.")
+        if node.tasks and not getattr(by_name[node.init_from].method, "unrolls", False):
+            raise DistributedError(
+                f"level '{node.name}' ({node.defined_at}) adapts a task batch (tasks=True) "
+                f"below '{node.init_from}', whose implicit method solves one system per task; "
+                "distributed runs split task batches only under grad='unroll' (MAML) so far. "
+                "Run it in one process, or use grad='unroll' on the upper level.")
         if callable(getattr(node.method, "joint", None)) and any(
                 by_name[lower].lowers for lower in node.lowers):
             raise DistributedError(

@@ -166,7 +166,8 @@ def level(
         tasks: The level's batch is a batch of tasks (a leading task dimension on every tensor):
             with ``init_from``, it adapts on all of them at once with ``torch.func.vmap``, and
             the upper level's loss is evaluated per task and averaged. Level functions are
-            written for one task.
+            written for one task. Under an implicit method (iMAML) the tasks' steps are not
+            differentiated and ``cg`` solves one system per task.
         accumulate: Micro-batches per optimizer step: each step of this level takes this many
             batches and averages their gradients (hypergradients for an upper level).
         clip_grad_norm: Clip this level's gradient to this total norm before each step.

@@ -67,6 +67,8 @@ class Evaluation:
         """``name``'s loss on its current micro-batches (their mean)."""
         node = self.nodes[name]
         micro = self.current_batches(name)
+        if node.tasks and name in self.unroller.task_only:
+            return self._task_loss(node, micro[0], context)
         if len(micro) == 1:
             return self._evaluate_upper(node, micro[0], context)[0]
         return sum(self._evaluate_upper(node, b, context)[0] for b in micro) / len(micro)
@@ -81,7 +83,7 @@ class Evaluation:
     def _hypergrad(self, node: LevelNode, loss: torch.Tensor,
                    methods: Mapping[str, Any] | None = None, retain: bool = True
                    ) -> tuple[list[torch.Tensor], dict[str, Any]]:
-        """``node``'s hypergradient from its ``loss`` (inside :meth:`_leaf_fast_weights`);
+        """``node``'s hypergradient from its ``loss`` (inside :meth:`_upper_weights`);
         ``retain`` keeps an unrolled trajectory's graph for a later micro-batch or update."""
         if methods is None and self.unroller is not None and self.unroller.unrolled_by(node.name):
             return self._unrolled_hypergrad(node, loss, retain)
@@ -100,7 +102,7 @@ class Evaluation:
         """
         node = self.nodes[name]
         if self.view.below[name]:
-            with self._leaf_fast_weights(name, override=methods is not None):
+            with self._upper_weights(name, override=methods is not None):
                 grads, _ = self._hypergrad(node, self.loss_of(name), methods)
         else:
             loss = self.loss_of(name)

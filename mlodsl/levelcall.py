@@ -43,8 +43,11 @@ def split_loss(node: LevelNode, out: Any, require_grad: bool = True
     ``require_grad=False`` inside ``torch.func.vmap``, whose per-task tensors do not report
     ``requires_grad``; the caller checks the combined loss instead.
     """
-    if type(out) is torch.Tensor and out.ndim == 0 and out.requires_grad:  # the common case
-        return out, {"loss": out.detach()}
+    if type(out) is torch.Tensor and out.ndim == 0:
+        if out.requires_grad:  # the common case
+            return out, {"loss": out.detach()}
+        if not require_grad:  # one task inside vmap: the caller records the combined loss
+            return out, {}
     if isinstance(out, Mapping):
         if "loss" not in out:
             raise LossError(_NOT_A_LOSS.format(

@@ -8,7 +8,6 @@ inside the same program step.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import sys
@@ -33,6 +32,7 @@ from mlodsl.interrupts import DeferredInterrupt
 from mlodsl.ir import Graph, LevelNode
 from mlodsl.levelcall import mean_record
 from mlodsl.precision import Precision
+from mlodsl.task_steps import TaskSteps
 from mlodsl.unrolled import Unroller
 from mlodsl.unrolled_steps import UnrolledSteps
 from mlodsl.validation import EarlyStopper, Validator, validation_params
@@ -45,7 +45,7 @@ _NON_FINITE = (
 )
 
 
-class Interpreter(UnrolledSteps, Evaluation):
+class Interpreter(UnrolledSteps, TaskSteps, Evaluation):
     """Runtime state of a program: counters, data positions, batches, solver state, history."""
 
     def __init__(self, program: Any, graph: Graph) -> None:
@@ -95,16 +95,16 @@ class Interpreter(UnrolledSteps, Evaluation):
             for e in graph.edges}
         self.unroller = (Unroller(self.nodes, self.methods)
                          if any(getattr(m, "unrolls", False) for m in self.methods.values())
-                         else None)
+                         or any(n.tasks for n in graph.levels) else None)
         if self.unroller is not None:
             self.unroller.reduce = self.dist.average_inner
         below = {a.level: a.below for a in self.schedule.actions}
         self.view = GraphView(params=self.params, below=below, loss=self._loss_for_hypergrad,
                               carried=carried_edges({n.name: n.reads for n in graph.levels},
                                                     below, self.lowers))
-        # init_from levels that are not unrolled restart by copying (iMAML); unrolled ones
-        # restart inside the Unroller (MAML).
-        unrolled = set() if self.unroller is None else set(self.unroller.upper_of)
+        # init_from levels that are not unrolled restart by copying (iMAML); unrolled and
+        # task-batch ones restart inside the Unroller.
+        unrolled = set() if self.unroller is None else set(self.unroller.names)
         self.restarted_by = {n.name: tuple(low for low in n.lowers
                                            if self.nodes[low].init_from == n.name
                                            and low not in unrolled) for n in graph.levels}
@@ -226,16 +226,16 @@ class Interpreter(UnrolledSteps, Evaluation):
         stepped; counters, data and history are left to the caller. Returns the step's record.
         """
         node = self.nodes[name]
-        if self.unroller is not None and name in self.unroller.upper_of:
-            return self._unrolled_update(name, micro, hooks)
+        if self.unroller is not None and name in self.unroller.names:
+            return (self._task_update(name, micro) if name in self.unroller.task_only
+                    else self._unrolled_update(name, micro, hooks))
         scaler = self.precision[name].scaler
         count = len(micro)
         records = []
         if self.view.below[name]:
             total: list[torch.Tensor] | None = None
             for index, batch in enumerate(micro):
-                with (self._leaf_fast_weights(name) if self.unroller is not None
-                      else contextlib.nullcontext()):
+                with self._upper_weights(name):
                     loss, record = self._evaluate_upper(node, batch)
                     self.dist.average_(record)  # the global batch's loss and metrics
                     scale = 1.0
@@ -247,6 +247,7 @@ class Interpreter(UnrolledSteps, Evaluation):
                                            and math.isfinite(record["loss"].item())):
                     if not self._finite(record["loss"], name, "loss") or not self._finite(
                             norm, name, "hypergradient"):
+                        self._restart_lowers(name)  # the trajectories led nowhere
                         return self._skip(record)
                 record["hypergrad_norm"] = norm if scale == 1.0 else norm / scale
                 record.update(diagnostics)
@@ -290,21 +291,8 @@ class Interpreter(UnrolledSteps, Evaluation):
             scaler.step(node.optimizer)
             scaler.update()
         self.committed = True
-        if self.unroller is not None:
-            for lower in self.unroller.unrolled_by(name):
-                self.unroller.finish(lower)  # the next trajectory starts from here
-        for lower in self.restarted_by[name]:
-            self._restart_from(lower, name)
+        self._restart_lowers(name)
         return mean_record(records)
-
-    def _restart_from(self, lower: str, upper: str) -> None:
-        """``init_from`` without unrolling (iMAML): ``lower`` starts over from ``upper``'s
-        current parameters, with a fresh optimizer state."""
-        node = self.nodes[lower]
-        with torch.no_grad():
-            for p, source in zip(node.params, self.nodes[upper].params):
-                p.copy_(source)
-        node.optimizer.state.clear()
 
     def _finite(self, value: torch.Tensor, name: str, what: str) -> bool:
         number = value.item()

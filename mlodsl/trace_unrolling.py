@@ -73,7 +73,7 @@ def check_unrolling(nodes: Sequence[LevelNode]) -> None:
                 raise errors.InvalidLevelError(_EDGE_OVER_UNROLL.format(
                     upper=node.name, where=node.defined_at, method=node.method.name, low=read,
                     mid=mid.name))
-    _check_init_from(nodes, by_name, unrolled_by)
+    _check_init_from(nodes, by_name)
 
 
 def _check_nested(top: LevelNode, mid: LevelNode, by_name: dict[str, LevelNode]) -> None:
@@ -88,14 +88,13 @@ def _check_nested(top: LevelNode, mid: LevelNode, by_name: dict[str, LevelNode])
             raise errors.InvalidLevelError(_NESTED_TASKS.format(tasks=level.name, **names))
 
 
-def _check_init_from(nodes: Sequence[LevelNode], by_name: dict[str, LevelNode],
-                     unrolled_by: dict[str, str]) -> None:
+def _check_init_from(nodes: Sequence[LevelNode], by_name: dict[str, LevelNode]) -> None:
     for node in nodes:
         if node.tasks and (node.init_from is None or node.accumulate != 1):
             raise errors.InvalidLevelError(
                 f"level '{node.name}' ({node.defined_at}) has tasks=True, which adapts a batch of "
                 "tasks in parallel from an upper level's parameters: it needs init_from=<the "
-                "upper level> (with grad='unroll' there) and accumulate=1.")
+                "upper level> (with grad='unroll' or an implicit method there) and accumulate=1.")
         source = node.init_from
         if source is None:
             continue
@@ -110,10 +109,10 @@ def _check_init_from(nodes: Sequence[LevelNode], by_name: dict[str, LevelNode],
                 f"{where}, so '{source}' must be directly above it: give '{source}' "
                 f"upper_of='{node.name}' (with grad='unroll' for MAML, or an implicit method "
                 "such as grad='cg' with a proximal term in the loss for iMAML).")
-        if node.tasks and unrolled_by.get(node.name) != source:
-            raise errors.InvalidLevelError(
-                f"{where} and tasks=True, which adapts tasks in parallel on unrolled steps: "
-                f"give '{source}' grad='unroll'.")
+        if node.tasks and (node.lowers or by_name[source].method.name == "sama"):
+            raise errors.InvalidLevelError(f"{where} and tasks=True: it must be a lowest level, "
+                                           f"and '{source}' needs grad='unroll' or an implicit "
+                                           "method other than 'sama'.")
         shapes = [tuple(p.shape) for p in node.params]
         theirs = [tuple(p.shape) for p in by_name[source].params]
         if shapes != theirs:

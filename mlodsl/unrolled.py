@@ -19,14 +19,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from torch.utils.checkpoint import checkpoint as recompute
 
 from mlodsl.errors import HypergradError
 from mlodsl.ir import LevelNode
+from mlodsl.recompute import recomputed
 
 _NEEDS_MODULE = (
-    "level '{lower}' ({where}) is unrolled by '{upper}' (grad='unroll'), which swaps its "
-    "parameters for differentiable copies through torch.func.functional_call; that needs its "
+    "level '{lower}' ({where}) is unrolled by '{upper}' (grad='unroll' there, or tasks=True "
+    "here), which swaps its parameters through torch.func.functional_call; that needs its "
     "module to be an nn.Module, but it trains a {kind}. Wrap the tensors in an nn.Module (or "
     "torch.nn.ParameterList), or use an implicit method such as grad='cg'."
 )
@@ -55,15 +55,22 @@ class Unroller:
             if getattr(method, "unrolls", False):
                 for lower in nodes[upper].lowers:
                     self.upper_of[lower] = upper
-        for lower, upper in self.upper_of.items():
-            node = self.nodes[lower]
+        for lower in (*self.upper_of, *(n for n, node in nodes.items() if node.tasks)):
+            node, upper = self.nodes[lower], self.upper_of.get(lower, self.nodes[lower].init_from)
             if not isinstance(node.module, torch.nn.Module):
                 raise HypergradError(_NEEDS_MODULE.format(
                     lower=lower, where=node.defined_at, upper=upper,
                     kind=type(node.module).__name__))
-        # Only the unrolled levels' modules: functional_call walks the whole scope on each call.
-        self.scope = _Scope({lower: nodes[lower].module for lower in self.upper_of})
-        self.names = {lower: _param_names(self.nodes[lower]) for lower in self.upper_of}
+        # tasks=True levels below an implicit method (iMAML): their steps are vmapped over the
+        # tasks like MAML's, but start from detached weights and are never differentiated.
+        self.task_only = tuple(name for name, node in nodes.items()
+                               if node.tasks and name not in self.upper_of)
+        swapped = (*self.upper_of, *self.task_only)
+        # Only these levels' modules: functional_call walks the whole scope on each call.
+        self.scope = _Scope({lower: nodes[lower].module for lower in swapped})
+        self.names = {lower: _param_names(self.nodes[lower]) for lower in swapped}
+        self.keys = {lower: tuple(f"{_scoped(lower)}.{name}" for name in names)  # in the scope
+                     for lower, names in self.names.items()}
         self.fast: dict[str, tuple[torch.Tensor, ...]] = {}
         self.end: dict[str, tuple[torch.Tensor, ...]] = {}
         self.state: dict[str, list[dict[str, Any]]] = {}
@@ -82,6 +89,11 @@ class Unroller:
         next step of each unrolled level starts afresh from its current parameters."""
         for table in (self.fast, self.end, self.state, self.taken, self.since, self.restart_due):
             table.clear()
+
+    def adapted_by(self, upper: str) -> tuple[str, ...]:
+        """The levels that start afresh after each step of ``upper``: those it unrolls and its
+        task-batch lowers."""
+        return tuple(lower for lower in self.nodes[upper].lowers if lower in self.names)
 
     def unrolled_by(self, upper: str) -> tuple[str, ...]:
         """The levels ``upper`` unrolls."""
@@ -113,8 +125,8 @@ class Unroller:
         """Run a level function with the current fast weights swapped in."""
         if not self.fast:
             return fn(**kwargs)
-        mapping = {f"{_scoped(level)}.{name}": tensor for level, tensors in self.fast.items()
-                   for name, tensor in zip(self.names[level], tensors)}
+        mapping = {key: tensor for level, tensors in self.fast.items()
+                   for key, tensor in zip(self.keys[level], tensors)}
         return torch.func.functional_call(self.scope, mapping, (fn, kwargs), strict=False)
 
     def restart(self, lower: str) -> None:
@@ -196,23 +208,24 @@ class Unroller:
         out_keys: list[list[str]] = []  # the state's layout after the step (deterministic)
         n = len(current)
 
-        def update(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            # Pure in its inputs: with checkpoint=True it runs again during the backward pass.
+        def update(*inputs: torch.Tensor, graph: bool = True) -> tuple[torch.Tensor, ...]:
+            # Pure in its inputs: with checkpoint=True it runs without a graph (graph=False),
+            # then again with one during the backward pass.
             tensors, state_in = inputs[:n], _unflatten_state(keys, inputs[n:])
             previous = self.fast[lower]
             self.fast[lower] = tensors
+            keep = differentiable and graph
             try:
                 loss = loss_of()
                 # A nested level's gradient reaches back through the steps of the levels it
                 # unrolls, whose graph the level above still needs: keep it.
-                grads = torch.autograd.grad(loss, tensors, create_graph=differentiable,
-                                            retain_graph=differentiable or nested,
-                                            allow_unused=True)
+                grads = torch.autograd.grad(loss, tensors, create_graph=keep,
+                                            retain_graph=keep or nested, allow_unused=True)
             finally:
                 self.fast[lower] = previous
-            grads = [torch.zeros_like(t) if g is None else (g if differentiable else g.detach())
+            grads = [torch.zeros_like(t) if g is None else (g if keep else g.detach())
                      for g, t in zip(grads, tensors)]
-            grads = self.reduce(grads, differentiable)
+            grads = self.reduce(grads, keep)
             if nested:
                 self.grads[lower] = tuple(g.detach() for g in grads)
                 if not window:  # the tensors stayed attached for the gradient; cut them now
@@ -223,7 +236,7 @@ class Unroller:
             return (*new, *flat_state, loss)
 
         if method.checkpoint and differentiable:
-            outputs = recompute(update, *current, *state, use_reentrant=False)
+            outputs = recomputed(update, (*current, *state), self._read_by_step(lower))
         else:
             outputs = update(*current, *state)
         new, loss = tuple(outputs[:n]), outputs[-1]
@@ -244,21 +257,39 @@ class Unroller:
         (``torch.func.vmap``): per-task fast weights, per-task optimizer state. Returns the
         per-task losses."""
         node = self.nodes[lower]
-        method = self._method(lower)
-        tasks = _task_count(batch, lower, node.defined_at)
-        if self.taken.get(lower, 0) == 0:  # a new episode: every task from the meta weights
+        implicit = lower in self.task_only
+        leaves, rebuild = task_leaves(batch, lower, node.defined_at)
+        # A new episode: every task starts from the meta weights, passed to vmap unbatched
+        # (in_dims=None) so that the first step runs the shared weights as plain matrix
+        # products rather than one batched product per task.
+        shared = self.taken.get(lower, 0) == 0
+        if shared:
             meta = self.nodes[node.init_from].params
-            self.fast[lower] = tuple(p.unsqueeze(0).expand(tasks, *p.shape) for p in meta)
+            self.fast[lower] = tuple(p.detach() for p in meta) if implicit else tuple(meta)
         optimizer = self._optimizer(lower)
         if lower not in self.state:
             self.state[lower] = optimizer.init_state(self.fast[lower])
-        window = method.steps is None or count - position <= method.steps
-        differentiable = window and not method.first_order
+        if implicit:  # the upper's implicit method needs only where the steps end
+            window, differentiable = True, False
+        else:
+            method = self._method(lower)
+            window = method.steps is None or count - position <= method.steps
+            differentiable = window and not method.first_order
         current = self.fast[lower]
         if not window:
             current = tuple(t.detach().requires_grad_() for t in current)
 
-        def one_task(tensors: tuple[torch.Tensor, ...], state: Any, task: Any) -> Any:
+        # vmap gets and returns flat tuples of tensors: its pytree handling of nested inputs
+        # and outputs (a plain SGD state is one empty dict per parameter) costs as much as the
+        # step's arithmetic on a small model.
+        keys, flat_state = _flatten_state(self.state[lower])
+        out_keys: list[list[str]] = []
+        n, m = len(current), len(flat_state)
+
+        def one_task(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            tensors, flat = inputs[:n], inputs[n:n + m]
+            task = rebuild(inputs[n + m:])
+
             def loss_of(weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
                 previous = self.fast[lower]
                 self.fast[lower] = weights
@@ -270,22 +301,36 @@ class Unroller:
             grads, loss = torch.func.grad_and_value(loss_of)(tensors)
             if not differentiable:
                 grads = tuple(g.detach() for g in grads)
-            new, state = optimizer.step(list(tensors), list(grads), state)
-            return tuple(new), state, loss
+            new, state = optimizer.step(list(tensors), list(grads), _unflatten_state(keys, flat))
+            out_keys[:], flat = _flatten_state(state)
+            return (*new, *flat, loss)
 
-        new, self.state[lower], losses = torch.func.vmap(one_task)(current, self.state[lower],
-                                                                   batch)
+        dims = (None if shared else 0,) * (n + m) + (0,) * len(leaves)
+        outputs = torch.func.vmap(one_task, in_dims=dims)(*current, *flat_state, *leaves)
+        new, losses = outputs[:n], outputs[-1]
+        self.state[lower] = _unflatten_state(out_keys, outputs[n:-1])
         self.fast[lower] = self.end[lower] = new
+        # The module keeps its own tensors: each task has its weights, none is "the" learner.
         self.taken[lower] = self.taken.get(lower, 0) + 1
-        with torch.no_grad():  # the module shows the mean of the adapted weights
-            for p, t in zip(node.params, new):
-                p.copy_(t.mean(0))
         return losses
 
     def tasks_lower(self, upper: str) -> str | None:
-        """The ``tasks=True`` level ``upper`` unrolls, if any."""
-        return next((lower for lower in self.unrolled_by(upper) if self.nodes[lower].tasks),
+        """The ``tasks=True`` level directly below ``upper``, if any."""
+        return next((lower for lower in self.nodes[upper].lowers if self.nodes[lower].tasks),
                     None)
+
+    def task_leaves(self, lower: str) -> tuple[torch.Tensor, ...]:
+        """Leaf tensors equal to the adapted per-task weights of a ``tasks=True`` level under
+        an implicit method, swapped in while its upper's hypergradient is computed."""
+        if self.taken.get(lower, 0) == 0:
+            raise HypergradError(
+                f"level '{lower}' ({self.nodes[lower].defined_at}) has tasks=True but has not "
+                "adapted on a task batch since its upper level's last step, so there are no "
+                "per-task weights to differentiate at; run the program before asking for the "
+                "hypergradient.")
+        leaves = tuple(t.detach().requires_grad_() for t in self.end[lower])
+        self.fast[lower] = leaves
+        return leaves
 
     def finish(self, lower: str) -> None:
         """After the upper level's update: hand the optimizer state back and start over.
@@ -307,6 +352,17 @@ class Unroller:
         for below in self.unrolled_by(lower):  # nested: their trajectories end here too
             self.finish(below)
 
+    def _read_by_step(self, lower: str) -> list[Any]:
+        """What a step of ``lower`` may read besides its weights and state: every other level's
+        current tensors and its optimizer's tensor hyperparameters (a learnable step size)."""
+        tensors = [t for name, node in self.nodes.items() if name != lower
+                   for t in self.fast.get(name, node.params)]
+        for group in self.nodes[lower].optimizer.param_groups:
+            for value in group.values():
+                tensors.extend(v for v in (value if isinstance(value, tuple) else (value,))
+                               if isinstance(v, torch.Tensor))
+        return tensors
+
     def _optimizer(self, lower: str) -> Any:
         if lower not in self.optimizers:
             from mlodsl.functional import functional_optimizer  # only programs that unroll
@@ -324,14 +380,22 @@ def _scoped(level: str) -> str:
     return f"level_{level}"
 
 
-def _task_count(batch: Any, level: str, where: str) -> int:
-    leaves = [t for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)]
-    if not leaves or any(t.ndim == 0 or t.shape[0] != leaves[0].shape[0] for t in leaves):
+def task_leaves(batch: Any, level: str, where: str
+                ) -> tuple[list[Any], Callable[[tuple[Any, ...]], Any]]:
+    """A task batch's tensors, checked to share one leading task dimension, and the function
+    that rebuilds a batch of that structure from them (what vmap hands each task)."""
+    if type(batch) in (tuple, list) and all(type(t) is torch.Tensor for t in batch):
+        leaves, rebuild = list(batch), type(batch)  # the common case, without pytree's cost
+    else:
+        leaves, spec = torch.utils._pytree.tree_flatten(batch)
+        rebuild = lambda flat: torch.utils._pytree.tree_unflatten(list(flat), spec)  # noqa: E731
+    if not leaves or any(not isinstance(t, torch.Tensor) or t.ndim == 0
+                         or t.shape[0] != leaves[0].shape[0] for t in leaves):
         raise HypergradError(
-            f"level '{level}' ({where}) has tasks=True, so every tensor of its batch must have "
-            "the same leading task dimension; got shapes "
-            f"{[tuple(t.shape) for t in leaves]}.")
-    return leaves[0].shape[0]
+            f"level '{level}' ({where}) has tasks=True, so its batch must hold only tensors "
+            "with the same leading task dimension; got "
+            f"{[tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in leaves]}.")
+    return leaves, rebuild
 
 
 def _flatten_state(state: list[dict[str, Any]]) -> tuple[list[list[str]], list[torch.Tensor]]:

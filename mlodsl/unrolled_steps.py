@@ -16,6 +16,7 @@ from mlodsl.errors import NoDependencyError
 from mlodsl.hypergrad import kernels
 from mlodsl.ir import LevelNode
 from mlodsl.levelcall import mean_record, split_loss
+from mlodsl.unrolled import task_leaves
 
 
 class UnrolledSteps:
@@ -56,8 +57,6 @@ class UnrolledSteps:
                 return self._evaluate(node, task, per_task=True)[0]
 
             losses = self.unroller.step_tasks(name, loss_for, micro[0], position, count)
-            # The module shows the mean of the adapted weights: over every rank's tasks.
-            self.dist.mean_tensors_(node.params, f"the all-reduce of '{name}''s mean weights")
             loss = losses.mean()
             records[:] = [{"loss": loss.detach()}]
         else:
@@ -89,17 +88,22 @@ class UnrolledSteps:
         if lower is None:
             return self._evaluate(node, batch, context)
         batched = self.unroller.fast[lower]
+        leaves, rebuild = task_leaves(batch, node.name, node.defined_at)
+        n, names = len(batched), []  # flat inputs and outputs: vmap's pytree handling is slow
 
-        def one_task(weights: tuple[torch.Tensor, ...], task: Any) -> Any:
-            self.unroller.fast[lower] = weights
+        def one_task(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            self.unroller.fast[lower] = inputs[:n]
+            task = rebuild(inputs[n:])
             loss, record = self._evaluate(node, task, context, per_task=True)
-            return loss, {k: v for k, v in record.items() if isinstance(v, torch.Tensor)}
+            names[:] = [k for k, v in record.items()
+                        if k != "loss" and isinstance(v, torch.Tensor)]
+            return (loss, *(record[k] for k in names))
 
         try:
-            losses, records = torch.func.vmap(one_task)(batched, batch)
+            losses, *values = torch.func.vmap(one_task)(*batched, *leaves)
         finally:
             self.unroller.fast[lower] = batched
-        return split_loss(node, {**{k: v.mean() for k, v in records.items()},
+        return split_loss(node, {**{k: v.mean() for k, v in zip(names, values)},
                                  "loss": losses.mean()})
 
     def _unrolled_hypergrad(self, node: LevelNode, loss: torch.Tensor, retain: bool = True

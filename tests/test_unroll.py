@@ -3,6 +3,8 @@ checkpointing, learnable optimizer hyperparameters, buffers."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -120,6 +122,59 @@ def test_checkpointed_unroll_gives_the_same_hypergradient():
     assert torch.allclose(results[0], results[1], rtol=1e-12, atol=1e-14)
 
 
+def graph_bytes(tensors):
+    """Bytes of the distinct tensors saved in the autograd graph behind ``tensors``."""
+    nodes, saved, stack = set(), {}, [t.grad_fn for t in tensors]
+    while stack:
+        node = stack.pop()
+        if node is None or node in nodes:
+            continue
+        nodes.add(node)
+        values = []
+        for name in dir(node):
+            if name.startswith("_saved_"):
+                value = getattr(node, name)
+                values.extend(value if isinstance(value, (tuple, list)) else (value,))
+        if hasattr(node, "saved_tensors"):  # a custom Function
+            values.extend(node.saved_tensors)
+        for t in values:
+            if isinstance(t, torch.Tensor) and t.numel():
+                saved[(t.data_ptr(), t.numel())] = t.numel() * t.element_size()
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return sum(saved.values())
+
+
+def test_checkpointed_unroll_keeps_only_the_weights_of_each_step():
+    """What the autograd graph holds after K - 1 unrolled steps, before the upper level's update:
+    with checkpoint=True each step's weights and the data, several times less than the
+    activations and second-order graphs of plain unrolling."""
+    K = 12
+    held = {}
+    for checkpoint in (False, True):
+        torch.manual_seed(0)
+        x, y = torch.randn(64, 8, dtype=DTYPE), torch.randn(64, 1, dtype=DTYPE)
+        net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(),
+                                  torch.nn.Linear(32, 1)).double()
+        lam = torch.nn.Parameter(torch.tensor(-2.0, dtype=DTYPE))
+
+        @ml.level(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.05))
+        def fit(hpo):
+            decay = sum(p.pow(2).sum() for p in net.parameters())
+            return (net(x) - y).pow(2).mean() + hpo.exp() * decay
+
+        @ml.level(upper_of="fit", grad=ml.hypergrad.unroll(checkpoint=checkpoint), module=lam,
+                  inner_steps=K, optimizer=torch.optim.SGD([lam], lr=0.0))
+        def hpo(fit):
+            return (fit(x) - y).pow(2).mean()
+
+        program = ml.program(fit, hpo, progress=False)
+        program.run(steps=K - 1)
+        held[checkpoint] = graph_bytes(program._runtime.unroller.fast["fit"])
+    weights = sum(p.numel() for p in net.parameters()) * 8
+    assert held[True] <= K * weights + x.numel() * 8 + 1024, held
+    assert held[False] > 4 * held[True], held
+
+
 def test_second_cycle_starts_from_where_the_lower_level_is():
     lr, K = 0.1, 2
     program, capture, (A, B, t, w0, lam0) = unrolled_program(
@@ -178,7 +233,8 @@ def test_maml_restarts_from_the_meta_parameters(first_order):
     assert torch.allclose(capture.grads[1], capture.grads[0], atol=1e-14)
 
 
-def test_learnable_inner_learning_rate():
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_learnable_inner_learning_rate(checkpoint):
     """The upper level owns the lower optimizer's lr (a tensor in its param group)."""
     A, B, t, w0, lam0 = problem()
     w = torch.nn.ParameterList([torch.nn.Parameter(w0.clone())])
@@ -194,8 +250,8 @@ def test_learnable_inner_learning_rate():
     def lr_level_value():
         return log_lr.exp()
 
-    @ml.level(upper_of="low", grad="unroll", module=log_lr, optimizer=torch.optim.SGD([log_lr],
-                                                                                    lr=0.0))
+    @ml.level(upper_of="low", grad=ml.hypergrad.unroll(checkpoint=checkpoint), module=log_lr,
+              optimizer=torch.optim.SGD([log_lr], lr=0.0))
     def schedule(low):
         return 0.5 * (low.module[0] - t).pow(2).sum()
 
@@ -265,7 +321,7 @@ def test_init_from_must_be_the_unrolling_upper_with_the_same_shapes():
         ml.program(learner, meta)
 
 
-def task_batch_program(first_order=False, inner_lr=0.1, tasks=4, inner_steps=1):
+def task_batch_program(first_order=False, inner_lr=0.1, tasks=4, inner_steps=1, momentum=0.0):
     torch.manual_seed(0)
 
     def mlp():
@@ -281,7 +337,7 @@ def task_batch_program(first_order=False, inner_lr=0.1, tasks=4, inner_steps=1):
     capture = Capture()
 
     @ml.level(module=learner_net, optimizer=torch.optim.SGD(learner_net.parameters(),
-                                                            lr=inner_lr),
+                                                            lr=inner_lr, momentum=momentum),
               data=lambda: support, init_from="meta", tasks=True)
     def learner(batch):
         x, y = batch
@@ -302,21 +358,25 @@ def task_batch_program(first_order=False, inner_lr=0.1, tasks=4, inner_steps=1):
     return program, capture, meta_net, support, query
 
 
-@pytest.mark.parametrize("first_order,inner_steps", [(False, 1), (True, 1), (False, 2)])
-def test_task_batch_adapts_in_parallel_and_equals_a_task_loop(first_order, inner_steps):
-    program, capture, meta_net, support, query = task_batch_program(first_order,
-                                                                    inner_steps=inner_steps)
+@pytest.mark.parametrize("first_order,inner_steps,momentum",
+                         [(False, 1, 0.0), (True, 1, 0.0), (False, 2, 0.0), (False, 3, 0.9)])
+def test_task_batch_adapts_in_parallel_and_equals_a_task_loop(first_order, inner_steps,
+                                                              momentum):
+    program, capture, meta_net, support, query = task_batch_program(
+        first_order, inner_steps=inner_steps, momentum=momentum)
     program.run(steps=inner_steps)
     theta = list(meta_net.parameters())
     names = [n for n, _ in meta_net.named_parameters()]
     total = [torch.zeros_like(p) for p in theta]
     for i in range(support[0].shape[0]):
-        phi = list(theta)
+        phi, buffers = list(theta), None
         for _ in range(inner_steps):
             out = torch.func.functional_call(meta_net, dict(zip(names, phi)), (support[0][i],))
             grads = torch.autograd.grad((out - support[1][i]).pow(2).mean(), phi,
                                         create_graph=not first_order)
-            phi = [p - 0.1 * g for p, g in zip(phi, grads)]
+            buffers = (grads if buffers is None  # torch's momentum buffer starts at g
+                       else [momentum * b + g for b, g in zip(buffers, grads)])
+            phi = [p - 0.1 * b for p, b in zip(phi, buffers)]
         out = torch.func.functional_call(meta_net, dict(zip(names, phi)), (query[0][i],))
         meta_grads = torch.autograd.grad((out - query[1][i]).pow(2).mean(), theta)
         total = [t + g / support[0].shape[0] for t, g in zip(total, meta_grads)]
@@ -547,3 +607,195 @@ def test_implicit_upper_beside_an_unrolling_one():
         norms.append(torch.tensor(program.history.series("right", "hypergrad_norm")))
     assert norms[0].shape == (3,) and bool((norms[0] > 0).all())
     assert torch.allclose(norms[0], norms[1], rtol=1e-10, atol=0)
+
+
+def imaml_program(support, query, theta, tasks, cg_iterations, inner_steps, meta_lr=0.0):
+    """iMAML on regression tasks: the learner takes `inner_steps` SGD steps on its support loss
+    plus lam/2 |phi - theta|^2 from theta; the meta level's hypergradient is per-task CG."""
+    lam = 0.7
+    meta_net = tiny_net(theta)
+    learner_net = tiny_net(theta)
+    capture = Capture()
+
+    @ml.level(module=learner_net, init_from="meta", tasks=tasks, data=lambda: support,
+              optimizer=torch.optim.SGD(learner_net.parameters(), lr=0.2))
+    def learner(batch, meta):
+        x, y = batch
+        prox = sum((p - q).pow(2).sum() for p, q in zip(learner_net.parameters(),
+                                                        meta.parameters()))
+        return (learner_net(x) - y).pow(2).mean() + 0.5 * lam * prox
+
+    @ml.level(upper_of="learner", grad=ml.hypergrad.cg(iterations=cg_iterations, tol=0.0),
+              inner_steps=inner_steps, module=meta_net, data=lambda: query,
+              optimizer=torch.optim.SGD(meta_net.parameters(), lr=meta_lr))
+    def meta(batch, learner):
+        x, y = batch
+        return (learner(x) - y).pow(2).mean()
+
+    class CaptureAll:
+        def on_hypergrad(self, *, program, level, step, grads, diagnostics):
+            capture.grads.append([g.detach().clone() for g in grads])
+
+    program = ml.program(learner, meta, hooks=[CaptureAll()], progress=False)
+    return program, capture, meta_net, learner_net
+
+
+def tiny_net(values=None):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.Tanh(),
+                              torch.nn.Linear(4, 1)).double()
+    if values is not None:
+        with torch.no_grad():
+            for p, v in zip(net.parameters(), values):
+                p.copy_(v)
+    return net
+
+
+@pytest.mark.parametrize("cg_iterations", [2, 30])
+def test_imaml_task_batch_equals_a_task_loop(cg_iterations):
+    """tasks=True under grad='cg': the vmapped adaptation and the per-task CG give, at every
+    meta step, the mean of what separate one-task programs give (also with CG cut short at 2
+    iterations, where one CG over all tasks would differ)."""
+    gen = torch.Generator().manual_seed(5)
+    tasks, inner = 4, 3
+    support = (torch.randn(tasks, 6, 1, generator=gen, dtype=DTYPE),
+               torch.randn(tasks, 6, 1, generator=gen, dtype=DTYPE))
+    query = (torch.randn(tasks, 5, 1, generator=gen, dtype=DTYPE),
+             torch.randn(tasks, 5, 1, generator=gen, dtype=DTYPE))
+    start = [p.detach().clone() for p in tiny_net().parameters()]
+    program, capture, meta_net, _ = imaml_program(support, query, start, True, cg_iterations,
+                                                  inner, meta_lr=0.5)
+    thetas = []
+    for _ in range(2):  # two meta steps: the second starts from moved meta weights
+        thetas.append([p.detach().clone() for p in meta_net.parameters()])
+        program.run(steps=inner)
+    assert len(capture.grads) == 2
+    assert not torch.equal(thetas[0][0], thetas[1][0])
+    for theta, ours in zip(thetas, capture.grads):
+        expected = [torch.zeros_like(t) for t in theta]
+        for i in range(tasks):
+            one = (support[0][i], support[1][i]), (query[0][i], query[1][i])
+            single, got, _, _ = imaml_program(*one, theta, False, cg_iterations, inner)
+            single.run(steps=inner)
+            expected = [e + g / tasks for e, g in zip(expected, got.grads[0])]
+        for a, b in zip(ours, expected):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-13), (a - b).abs().max()
+
+
+def test_imaml_task_batch_history_and_restart():
+    gen = torch.Generator().manual_seed(6)
+    data = tuple(torch.randn(3, 4, 1, generator=gen, dtype=DTYPE) for _ in range(4))
+    start = [p.detach().clone() for p in tiny_net().parameters()]
+    program, _, meta_net, _ = imaml_program(data[:2], data[2:], start, True, 5, 2,
+                                                      meta_lr=0.1)
+    history = program.run(steps=4)
+    assert len(history.series("learner", "loss")) == 4
+    assert history.series("meta", "meta->learner/iterations")[-1] == 5
+    assert not torch.equal(meta_net[0].weight, start[0])  # the meta weights moved
+
+
+def test_task_batch_refuses_sama():
+    net, other = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+
+    @ml.level(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1), tasks=True,
+              init_from="meta")
+    def learner(meta):
+        return (net.weight - meta.weight).pow(2).sum()
+
+    @ml.level(upper_of="learner", grad="sama", module=other,
+              optimizer=torch.optim.SGD(other.parameters(), lr=0.1))
+    def meta(learner):
+        return learner.weight.sum()
+
+    with pytest.raises(InvalidLevelError, match=r"tasks=True.*other than 'sama'"):
+        ml.program(learner, meta)
+
+
+def test_block_conjugate_gradient_solves_each_block_alone():
+    """Per-block CG equals scalar CG on each block, including a block with negative curvature
+    (left at zero) and a block whose operator returns NaN (left at zero, others unharmed)."""
+    from mlodsl.hypergrad import blocks, kernels
+
+    gen = torch.Generator().manual_seed(2)
+    tasks, sizes = 3, (4, 2)
+    mats = []
+    for i in range(tasks):
+        m = torch.randn(6, 6, generator=gen, dtype=DTYPE)
+        mats.append(m @ m.T + torch.eye(6, dtype=DTYPE) if i != 1 else -torch.eye(6, dtype=DTYPE))
+    stacked = [torch.zeros(tasks, s, dtype=DTYPE) for s in sizes]
+    layout = blocks.layout(stacked)
+
+    def split(v):  # flat (param-major) -> per task (6,)
+        a, b = v[:tasks * 4].view(tasks, 4), v[tasks * 4:].view(tasks, 2)
+        return torch.cat([a, b], 1)
+
+    def join(per_task):
+        return torch.cat([per_task[:, :4].reshape(-1), per_task[:, 4:].reshape(-1)])
+
+    def matvec(v, poison=False):
+        out = torch.stack([mats[i] @ row for i, row in enumerate(split(v))])
+        if poison:
+            out[2] = float("nan")
+        return join(out)
+
+    b = join(torch.randn(tasks, 6, generator=gen, dtype=DTYPE))
+    x, _, _, unsolved = blocks.conjugate_gradient(matvec, b, layout, 3, 0.0)
+    for i in range(tasks):
+        alone, _, _ = kernels.conjugate_gradient(lambda v: mats[i] @ v, split(b)[i], None, 3, 0.0)
+        assert torch.allclose(split(x)[i], alone, rtol=1e-12, atol=1e-14)
+    assert unsolved == 1 and torch.equal(split(x)[1], torch.zeros(6, dtype=DTYPE))
+    x, _, _, unsolved = blocks.conjugate_gradient(lambda v: matvec(v, True), b, layout, 3, 0.0)
+    assert unsolved == 2 and torch.isfinite(x).all()
+    assert torch.equal(split(x)[2], torch.zeros(6, dtype=DTYPE))
+    alone, _, _ = kernels.conjugate_gradient(lambda v: mats[0] @ v, split(b)[0], None, 3, 0.0)
+    assert torch.allclose(split(x)[0], alone, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("grad", ["unroll", "cg"])
+def test_a_skipped_meta_step_restarts_the_tasks(grad):
+    """on_nonfinite='skip': a meta-batch whose adaptation blows up is skipped, and the next one
+    starts afresh from the meta weights (not from the broken per-task weights)."""
+    torch.manual_seed(0)
+    meta_net = torch.nn.Linear(1, 1).double()
+    learner_net = torch.nn.Linear(1, 1).double()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 5, 1, generator=gen, dtype=DTYPE)
+    calls = []
+
+    def support():
+        calls.append(1)
+        y = torch.full_like(x, float("inf")) if len(calls) == 2 else x * 2
+        return x, y
+
+    @ml.level(module=learner_net, init_from="meta", tasks=True, data=support,
+              optimizer=torch.optim.SGD(learner_net.parameters(), lr=0.1))
+    def learner(batch, meta):
+        xs, ys = batch
+        prox = sum((p - q).pow(2).sum() for p, q in zip(learner_net.parameters(),
+                                                        meta.parameters()))
+        return (learner_net(xs) - ys).pow(2).mean() + 0.5 * prox
+
+    @ml.level(upper_of="learner", grad=grad, module=meta_net, data=lambda: (x, x * 2),
+              optimizer=torch.optim.SGD(meta_net.parameters(), lr=0.1))
+    def meta(batch, learner):
+        xs, ys = batch
+        return (learner(xs) - ys).pow(2).mean()
+
+    history = ml.program(learner, meta, on_nonfinite="skip", progress=False).run(steps=3)
+    assert [r.get("skipped", 0) for r in history["meta"]] == [0, 1, 0]
+    assert math.isfinite(history["meta"][2]["hypergrad_norm"])
+    assert all(torch.isfinite(p).all() for p in meta_net.parameters())
+
+
+def test_implicit_task_batches_are_refused_under_data_parallelism():
+    """Under data parallelism the kernels average every product over the ranks, which would
+    mix different tasks' blocks when each rank holds other tasks: refused with the way out."""
+    from mlodsl import consistency
+
+    gen = torch.Generator().manual_seed(5)
+    batch = tuple(torch.randn(2, 3, 1, generator=gen, dtype=DTYPE) for _ in range(2))
+    start = [p.detach().clone() for p in tiny_net().parameters()]
+    program, *_ = imaml_program(batch, batch, start, True, 2, 1)
+    with pytest.raises(ml.errors.DistributedError, match="level 'learner' .*tasks=True.* below "
+                       "'meta'.*grad='unroll' on the upper level"):
+        consistency.check_supported(program._graph)

@@ -34,6 +34,9 @@ class EdgeProblem:
         lower_optimizer: The lower level's optimizer (its state preconditions ``sama``).
         lower_module: The lower level's module (forward-mode HVPs swap its parameters).
         state: Persists across outer steps for this edge (warm starts, eigenvalue caches).
+        tasks: For a ``tasks=True`` lower level, where each task's entries lie in the flat
+            vector over its (per-task, stacked) parameters; its loss is then the sum of the
+            tasks' losses, so ``H`` is block-diagonal and ``cg`` solves one system per task.
     """
 
     upper: str
@@ -44,6 +47,7 @@ class EdgeProblem:
     lower_optimizer: torch.optim.Optimizer | None = None
     lower_module: Any = None
     state: dict[str, Any] = field(default_factory=dict)
+    tasks: Any = None
 
 
 @dataclass

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mlodsl.hypergrad import kernels
+from mlodsl.hypergrad import blocks, kernels
 from mlodsl.hypergrad.base import EdgeProblem, EdgeResult
 
 
@@ -31,6 +31,12 @@ class CG:
             hx = hessian(x)
             return hx.add(x, alpha=self.mu) if self.mu else hx
 
+        if edge.tasks is not None:  # new tasks at every step: nothing to warm-start from
+            u, used, residual, unsolved = blocks.conjugate_gradient(
+                matvec, v.detach(), edge.tasks, self.iterations, self.tol)
+            mixed = kernels.mixed_vjp(g, edge.upper_params, u)
+            return EdgeResult(None if mixed is None else -mixed, {
+                "residual": residual, "iterations": used, "unsolved_tasks": unsolved})
         previous = edge.state.get("cg_solution") if self.warm_start else None
         if previous is not None and previous.shape != v.shape:
             previous = None
