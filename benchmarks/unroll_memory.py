@@ -21,6 +21,21 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 
+def high_water_kib() -> float:
+    """This process's peak resident size, KiB. Linux's VmHWM belongs to the process's own
+    memory map; getrusage's ru_maxrss would also carry the high-water mark of the process it was
+    forked from (the kernel folds it in at exec), which hides the child's own peak when the
+    parent, e.g. run_all.py after other benchmarks, is larger."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
+
+
 def child(steps: int, checkpoint: bool) -> None:
     import torch
     import torch.nn.functional as F
@@ -44,9 +59,9 @@ def child(steps: int, checkpoint: bool) -> None:
         return F.cross_entropy(fit(x), y)
 
     program = ml.program(fit, hpo, progress=False)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = high_water_kib()
     program.run(steps=steps)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = high_water_kib()
     weights = sum(p.numel() * p.element_size() for p in net.parameters())
     print((peak - base) / 1024, steps * weights / 2**20)  # KiB -> MiB on Linux
 

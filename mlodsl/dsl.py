@@ -24,16 +24,6 @@ R = TypeVar("R")
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
-# Options accepted now, honoured by the issue that builds them. A non-default value must never be
-# silently ignored, so it raises until then.
-_PENDING_TRAINING_OPTIONS = {
-}
-
-_NOT_YET = (
-    "level '{name}' ({where}) sets {option}={value!r}, which this version of mlodsl does not "
-    "implement yet; remove the argument (default {default!r}) until it lands."
-)
-
 
 @dataclass(frozen=True)
 class LevelSpec:
@@ -253,12 +243,6 @@ def _make_spec(fn: Callable[..., Any], **a: Any) -> LevelSpec:
     clip = a["clip_grad_norm"]
     if clip is not None and (not isinstance(clip, (int, float)) or clip <= 0):
         raise bad(f"clip_grad_norm must be a positive number or None, got {clip!r}")
-    for option, default in _PENDING_TRAINING_OPTIONS.items():
-        if a[option] != default:
-            raise NotImplementedError(
-                _NOT_YET.format(name=name, where=where, option=option, value=a[option],
-                                default=default)
-            )
     init_from = a["init_from"]
     if isinstance(init_from, Level):
         init_from = init_from.level_name
