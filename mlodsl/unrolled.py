@@ -22,6 +22,7 @@ import torch
 
 from mlodsl.errors import HypergradError
 from mlodsl.ir import LevelNode
+from mlodsl.flatten import flatten_state, task_leaves, unflatten_state
 from mlodsl.recompute import recomputed
 
 _NEEDS_MODULE = (
@@ -204,14 +205,14 @@ class Unroller:
             # them would count those paths too; one w.r.t. a fresh alias counts only this
             # level's own use of its parameters.
             current = tuple(t.view_as(t) for t in current)
-        keys, state = _flatten_state(self.state[lower])
+        keys, state = flatten_state(self.state[lower])
         out_keys: list[list[str]] = []  # the state's layout after the step (deterministic)
         n = len(current)
 
         def update(*inputs: torch.Tensor, graph: bool = True) -> tuple[torch.Tensor, ...]:
             # Pure in its inputs: with checkpoint=True it runs without a graph (graph=False),
             # then again with one during the backward pass.
-            tensors, state_in = inputs[:n], _unflatten_state(keys, inputs[n:])
+            tensors, state_in = inputs[:n], unflatten_state(keys, inputs[n:])
             previous = self.fast[lower]
             self.fast[lower] = tensors
             keep = differentiable and graph
@@ -231,7 +232,7 @@ class Unroller:
                 if not window:  # the tensors stayed attached for the gradient; cut them now
                     tensors = tuple(t.detach().requires_grad_() for t in tensors)
             new, state_out = optimizer.step(list(tensors), grads, state_in)
-            layout, flat_state = _flatten_state(state_out)
+            layout, flat_state = flatten_state(state_out)
             out_keys[:] = layout
             return (*new, *flat_state, loss)
 
@@ -240,7 +241,7 @@ class Unroller:
         else:
             outputs = update(*current, *state)
         new, loss = tuple(outputs[:n]), outputs[-1]
-        self.state[lower] = _unflatten_state(out_keys, outputs[n:-1])
+        self.state[lower] = unflatten_state(out_keys, outputs[n:-1])
         self.fast[lower] = self.end[lower] = new
         self.taken[lower] += 1
         self.since[lower] = self.since.get(lower, 0) + 1
@@ -282,7 +283,7 @@ class Unroller:
         # vmap gets and returns flat tuples of tensors: its pytree handling of nested inputs
         # and outputs (a plain SGD state is one empty dict per parameter) costs as much as the
         # step's arithmetic on a small model.
-        keys, flat_state = _flatten_state(self.state[lower])
+        keys, flat_state = flatten_state(self.state[lower])
         out_keys: list[list[str]] = []
         n, m = len(current), len(flat_state)
 
@@ -301,14 +302,14 @@ class Unroller:
             grads, loss = torch.func.grad_and_value(loss_of)(tensors)
             if not differentiable:
                 grads = tuple(g.detach() for g in grads)
-            new, state = optimizer.step(list(tensors), list(grads), _unflatten_state(keys, flat))
-            out_keys[:], flat = _flatten_state(state)
+            new, state = optimizer.step(list(tensors), list(grads), unflatten_state(keys, flat))
+            out_keys[:], flat = flatten_state(state)
             return (*new, *flat, loss)
 
         dims = (None if shared else 0,) * (n + m) + (0,) * len(leaves)
         outputs = torch.func.vmap(one_task, in_dims=dims)(*current, *flat_state, *leaves)
         new, losses = outputs[:n], outputs[-1]
-        self.state[lower] = _unflatten_state(out_keys, outputs[n:-1])
+        self.state[lower] = unflatten_state(out_keys, outputs[n:-1])
         self.fast[lower] = self.end[lower] = new
         # The module keeps its own tensors: each task has its weights, none is "the" learner.
         self.taken[lower] = self.taken.get(lower, 0) + 1
@@ -378,34 +379,6 @@ class Unroller:
 def _scoped(level: str) -> str:
     """A level's submodule name in the scope module."""
     return f"level_{level}"
-
-
-def task_leaves(batch: Any, level: str, where: str
-                ) -> tuple[list[Any], Callable[[tuple[Any, ...]], Any]]:
-    """A task batch's tensors, checked to share one leading task dimension, and the function
-    that rebuilds a batch of that structure from them (what vmap hands each task)."""
-    if type(batch) in (tuple, list) and all(type(t) is torch.Tensor for t in batch):
-        leaves, rebuild = list(batch), type(batch)  # the common case, without pytree's cost
-    else:
-        leaves, spec = torch.utils._pytree.tree_flatten(batch)
-        rebuild = lambda flat: torch.utils._pytree.tree_unflatten(list(flat), spec)  # noqa: E731
-    if not leaves or any(not isinstance(t, torch.Tensor) or t.ndim == 0
-                         or t.shape[0] != leaves[0].shape[0] for t in leaves):
-        raise HypergradError(
-            f"level '{level}' ({where}) has tasks=True, so its batch must hold only tensors "
-            "with the same leading task dimension; got "
-            f"{[tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in leaves]}.")
-    return leaves, rebuild
-
-
-def _flatten_state(state: list[dict[str, Any]]) -> tuple[list[list[str]], list[torch.Tensor]]:
-    keys = [sorted(k for k, v in entry.items() if isinstance(v, torch.Tensor)) for entry in state]
-    return keys, [entry[k] for entry, names in zip(state, keys) for k in names]
-
-
-def _unflatten_state(keys: list[list[str]], tensors: Any) -> list[dict[str, torch.Tensor]]:
-    it = iter(tensors)
-    return [{k: next(it) for k in names} for names in keys]
 
 
 def _param_names(node: LevelNode) -> tuple[str, ...]:

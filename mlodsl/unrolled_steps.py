@@ -16,7 +16,7 @@ from mlodsl.errors import NoDependencyError
 from mlodsl.hypergrad import kernels
 from mlodsl.ir import LevelNode
 from mlodsl.levelcall import mean_record, split_loss
-from mlodsl.unrolled import task_leaves
+from mlodsl.flatten import task_leaves
 
 
 class UnrolledSteps:
