@@ -33,11 +33,11 @@ Run it with ``python examples/hyper_cleaning.py`` (three seeds, about 20 s on tw
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
+import sys
 import time
-from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,9 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import mlodsl as ml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from digits_noise import Split, flip_labels, one_thread  # noqa: E402
 
 CLASSES = 10
 N_TRAIN, N_VAL = 900, 300          # the remaining 597 digits are the test split
@@ -60,34 +63,7 @@ THRESHOLD = 0.5                    # weight below which an example is flagged as
 SEEDS = (0, 1, 2)
 
 
-class Split(NamedTuple):
-    x: torch.Tensor
-    y: torch.Tensor
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch on one thread: the matrices here are tiny, so a second thread buys nothing,
-    and on busy cores threads waiting for each other made every step many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 # -- data ----------------------------------------------------------------------------------------
-
-def flip_labels(y: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
-    """A copy of ``y`` with exactly ``round(fraction * len(y))`` labels, chosen at random,
-    replaced by a class drawn uniformly from the nine others."""
-    noisy = y.clone()
-    chosen = torch.randperm(len(y), generator=generator)[:round(fraction * len(y))]
-    shift = torch.randint(1, CLASSES, (len(chosen),), generator=generator)
-    noisy[chosen] = (y[chosen] + shift) % CLASSES
-    return noisy
-
 
 def make_splits(seed: int) -> dict[str, Split]:
     """``train`` (labels corrupted), ``train_clean`` (same digits, true labels), ``val`` and

@@ -37,11 +37,11 @@ on two CPU cores); ``--settings``, ``--seeds`` and ``--steps`` reduce it, ``--gr
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
+import sys
 import time
-from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import mlodsl as ml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from digits_noise import Split, flip_labels, one_thread  # noqa: E402
 
 CLASSES = 10
 N_TEST = 500                 # random digits held out for testing
@@ -77,23 +80,6 @@ SEEDS = (0, 1, 2)
 LOSS_GRID = [0.01, 0.1, 0.5, 1.0, 2.0, 4.0]   # where the learned weight curve is printed
 
 
-class Split(NamedTuple):
-    x: torch.Tensor
-    y: torch.Tensor
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch on one thread: the matrices here are tiny, so a second thread buys nothing,
-    and on busy cores threads waiting for each other made every step many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 # -- data ----------------------------------------------------------------------------------------
 
 def parse_setting(setting: str) -> tuple[str, float]:
@@ -111,16 +97,6 @@ def long_tailed_counts(largest: int, factor: float) -> list[int]:
     """Class sizes falling geometrically from ``largest`` (class 0) to ``largest / factor``
     (class 9), rounded, at least 1."""
     return [max(1, round(largest * factor ** (-c / (CLASSES - 1)))) for c in range(CLASSES)]
-
-
-def flip_labels(y: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
-    """A copy of ``y`` with exactly ``round(fraction * len(y))`` labels, chosen at random,
-    replaced by a class drawn uniformly from the nine others."""
-    noisy = y.clone()
-    chosen = torch.randperm(len(y), generator=generator)[:round(fraction * len(y))]
-    shift = torch.randint(1, CLASSES, (len(chosen),), generator=generator)
-    noisy[chosen] = (y[chosen] + shift) % CLASSES
-    return noisy
 
 
 def make_splits(setting: str, seed: int) -> dict[str, Split]:

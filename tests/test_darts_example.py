@@ -3,33 +3,26 @@ formula computed by autograd, and a reduced search that completes and moves alph
 
 from __future__ import annotations
 
-import importlib.util
 import random
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("sklearn")
+from example_loader import load_example, one_torch_thread
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "darts.py"
+pytest.importorskip("sklearn")
 
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("darts", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("darts")
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 def test_derived_and_random_architectures_come_from_the_same_space(example):

@@ -3,26 +3,23 @@ torchrun print what one process computes."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from example_loader import EXAMPLES, load_example
+
 pytest.importorskip("sklearn")
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ddp_reweighting.py"
+EXAMPLE = EXAMPLES / "ddp_reweighting.py"
 REDUCED_STEPS = 300  # 30 reweighter steps; a few seconds per run on two CPU cores
 
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("ddp_reweighting", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("ddp_reweighting")
 
 
 @pytest.fixture(scope="module")

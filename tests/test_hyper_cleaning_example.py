@@ -3,26 +3,21 @@ exact solve, and a reduced run that beats the noisy baseline and flags the corru
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 import mlodsl as ml
 
+from example_loader import load_example
+
 pytest.importorskip("sklearn")
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hyper_cleaning.py"
 REDUCED_OUTER_STEPS = 40  # 900 classifier steps (500 of warm-up); a few seconds on one core
 
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("hyper_cleaning", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("hyper_cleaning")
 
 
 @pytest.fixture

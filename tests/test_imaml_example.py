@@ -2,32 +2,24 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-import torch
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "imaml_sinusoid.py"
+from example_loader import load_example, one_torch_thread
+
 REDUCED_ITERATIONS = 200  # meta-iterations of 25 tasks, 10 learner steps each
 REDUCED_EVAL_TASKS = 200
 
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("imaml_sinusoid", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("imaml_sinusoid")
 
 
 @pytest.fixture
 def one_thread():
     """The example's matrices are 40 x 40: one thread is faster, and steadier on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 def test_reduced_run_beats_the_pretrained_baseline(example, one_thread):

@@ -3,34 +3,27 @@ of whole training runs, and a reduced run that beats the initial and the best co
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("sklearn")
+from example_loader import load_example, one_torch_thread
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "lr_schedule.py"
+pytest.importorskip("sklearn")
 
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("lr_schedule", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("lr_schedule")
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny matrices: one thread is faster, and steadier on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 def test_phases_cover_each_run_in_order(example):

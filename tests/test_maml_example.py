@@ -4,34 +4,28 @@ the vmapped (tasks=True) meta-gradient against a per-task loop."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "maml_sinusoid.py"
+from example_loader import load_example, one_torch_thread
+
 REDUCED_ITERATIONS = 1000  # meta-iterations of 25 tasks: about 6 s on one core
 REDUCED_EVAL_TASKS = 200
 
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("maml_sinusoid", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("maml_sinusoid")
 
 
 @pytest.fixture
 def one_thread():
     """The example's matrices are 40 x 40: one thread is faster, and steadier on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 def test_sampler_hands_both_levels_the_same_tasks(example):

@@ -3,24 +3,19 @@ which the reweighted classifier beats the plain one under 40 % label noise."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
+from example_loader import load_example
+
 pytest.importorskip("sklearn")
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "reweighting.py"
 REDUCED_STEPS = 600  # 120 weighting-network steps; a few seconds per run on one core
 
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("reweighting", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("reweighting")
 
 
 @pytest.fixture

@@ -3,26 +3,20 @@ the exact total derivative, and a reduced run that beats the baselines without r
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import mlodsl as ml
 
-pytest.importorskip("sklearn")
+from example_loader import load_example, one_torch_thread
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "three_levels.py"
+pytest.importorskip("sklearn")
 
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("three_levels", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("three_levels")
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +26,8 @@ def data(example):
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 def test_half_of_the_source_is_relabelled_by_one(example, data):
