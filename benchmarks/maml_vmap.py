@@ -1,12 +1,20 @@
 """Time per MAML meta-step over a batch of tasks: mlodsl (tasks=True) against a hand-written
-torch.func.vmap loop (the floor) and a per-task Python loop in the style of the
-monkey-patching meta-learning libraries.
+torch.func.vmap loop (the floor) and per-task Python loops: one with ``higher``, the
+monkey-patching meta-learning library (``innerloop_ctx``, as its MAML examples use it), and a
+minimal hand-written one that patches cloned parameters into the module (leaner than any
+library; a lower bound for the per-task style).
 
 One meta-step: T sinusoid tasks (K support + K query points each), one inner SGD step per task
 from the meta parameters on an MLP 1-40-40-1 (second order), the meta-gradient of the mean query
 loss, one Adam step. All three start from identical weights and cycle through the same
 pre-drawn meta-batches. Before timing, one meta-step of each on the same tasks from the same
-weights must give the same meta-gradient (max abs difference <= 1e-5, float32).
+weights must give the same meta-gradient (max abs difference <= 1e-5, float32). ``higher`` is
+optional (``pip install higher``, in the ``test`` extra); without it its row says so.
+
+mlodsl calls vmap's and autograd's primitives directly (``mlodsl.batching``,
+``mlodsl.autodiff``), skipping the per-call Python of ``torch.func.vmap`` and
+``torch.autograd.grad``. The row "mlodsl, public vmap and autograd" turns that off
+(``MLODSL_PUBLIC_VMAP=1``, ``MLODSL_PUBLIC_AUTOGRAD=1``): the interpreter's own overhead.
 
 Timing alternates short blocks of the three in one process (drift in machine speed hits all of
 them) and reports the median of the per-block ms/step. Runs on one thread by default: with
@@ -25,6 +33,7 @@ import copy
 import math
 import statistics
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +41,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import mlodsl as ml
+from mlodsl import autodiff, batching
 
 INNER_LR, META_LR, HIDDEN, POOL = 0.01, 1e-3, 40, 8
 
@@ -86,6 +96,21 @@ def mlodsl_stepper(pool):
         program.run(steps=n)
 
     return step, meta_net, lambda: captured[0]
+
+
+def public_stepper(pool):
+    """mlodsl through torch.func.vmap and torch.autograd.grad themselves."""
+    step, meta_net, grads = mlodsl_stepper(pool)
+
+    def public_step(n: int) -> None:
+        engine, primitives = autodiff.use_engine(False), batching.use_primitives(False)
+        try:
+            step(n)
+        finally:
+            autodiff.use_engine(engine)
+            batching.use_primitives(primitives)
+
+    return public_step, meta_net, grads
 
 
 def floor_stepper(pool):
@@ -161,21 +186,63 @@ def loop_stepper(pool):
     return step, net, lambda: [p.grad.clone() for p in net.parameters()]
 
 
-IMPLEMENTATIONS = {
-    "torch.func.vmap by hand (floor)": floor_stepper,
-    "mlodsl, tasks=True": mlodsl_stepper,
-    "per-task loop, monkey-patching style": loop_stepper,
-}
+def import_higher():
+    """``higher`` if installed (its 2020 source makes Python warn about an ``is`` comparison
+    when compiled; harmless), else ``None``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SyntaxWarning)
+        try:
+            import higher
+        except ImportError:
+            return None
+    return higher
+
+
+def higher_stepper(pool):
+    """Per task, ``higher.innerloop_ctx``: a patched functional copy of the network and a
+    differentiable SGD step; the query loss backpropagates into the meta parameters."""
+    higher = import_higher()
+    net = make_mlp()
+    optimizer = torch.optim.Adam(net.parameters(), lr=META_LR)
+    inner = torch.optim.SGD(net.parameters(), lr=INNER_LR)
+    position = [0]
+
+    def step(n: int) -> None:
+        for _ in range(n):
+            xs, ys, xq, yq = pool[position[0] % POOL]
+            position[0] += 1
+            optimizer.zero_grad(set_to_none=True)
+            tasks = xs.shape[0]
+            for i in range(tasks):
+                with higher.innerloop_ctx(net, inner, copy_initial_weights=False) as (f, opt):
+                    opt.step(F.mse_loss(f(xs[i]), ys[i]))
+                    (F.mse_loss(f(xq[i]), yq[i]) / tasks).backward()
+            optimizer.step()
+
+    return step, net, lambda: [p.grad.clone() for p in net.parameters()]
+
+
+FLOOR, OURS = "torch.func.vmap by hand (floor)", "mlodsl, tasks=True"
+PUBLIC = "mlodsl, public vmap and autograd"
+HIGHER, LOOP = "per-task loop with higher", "per-task loop, minimal clone-and-patch"
+IMPLEMENTATIONS = {FLOOR: floor_stepper, OURS: mlodsl_stepper, PUBLIC: public_stepper,
+                   HIGHER: higher_stepper, LOOP: loop_stepper}
+
+
+def available() -> dict:
+    """The implementations that can run here (``higher`` is optional)."""
+    return {label: make for label, make in IMPLEMENTATIONS.items()
+            if label != HIGHER or import_higher() is not None}
 
 
 def check_same_meta_gradient(pool, tolerance: float = 1e-5) -> float:
     """One meta-step of each on the same tasks from the same weights: same meta-gradient."""
     grads = {}
-    for label, make in IMPLEMENTATIONS.items():
+    for label, make in available().items():
         step, _, last_grads = make(pool)
         step(1)
         grads[label] = last_grads()
-    reference = grads["torch.func.vmap by hand (floor)"]
+    reference = grads[FLOOR]
     worst = 0.0
     for label, gs in grads.items():
         for g, r in zip(gs, reference):
@@ -207,7 +274,7 @@ def report(args: argparse.Namespace) -> None:
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     pool = make_tasks(args.tasks, args.shots)
     worst = check_same_meta_gradient(pool)
-    steppers = {label: make(pool)[0] for label, make in IMPLEMENTATIONS.items()}
+    steppers = {label: make(pool)[0] for label, make in available().items()}
     for step in steppers.values():  # warm up (first calls build caches, vmap plans)
         step(3)
     times: dict[str, list[float]] = {label: [] for label in steppers}
@@ -218,20 +285,27 @@ def report(args: argparse.Namespace) -> None:
             times[label].append(1000 * (clock() - start) / args.block)
 
     ms = {label: statistics.median(t) for label, t in times.items()}
-    floor, ours = ms["torch.func.vmap by hand (floor)"], ms["mlodsl, tasks=True"]
-    loop = ms["per-task loop, monkey-patching style"]
+    floor, ours = ms[FLOOR], ms[OURS]
     print(f"MAML meta-step, {args.tasks} tasks x {args.shots}+{args.shots} points, MLP "
           f"1-{HIDDEN}-{HIDDEN}-1, one inner SGD step, {args.threads} thread(s); median of "
           f"{args.rounds} alternating blocks of {args.block} steps, {args.clock} clock.")
     print()
     print(f"same meta-gradient on the same tasks: max abs difference {worst:.2g} (<= 1e-5)")
     print()
-    print("| implementation | ms / meta-step | vs floor |")
-    print("|---|---|---|")
-    for label, value in ms.items():
-        print(f"| {label} | {value:.2f} | {value / floor:.2f}x |")
+    print("| implementation | ms / meta-step | vs floor | vs mlodsl |")
+    print("|---|---|---|---|")
+    for label in IMPLEMENTATIONS:
+        if label in ms:
+            print(f"| {label} | {ms[label]:.2f} | {ms[label] / floor:.2f}x "
+                  f"| {ms[label] / ours:.2f}x |")
+        else:
+            print(f"| {label} | not installed (pip install higher) | | |")
     print()
-    print(f"mlodsl / floor = {ours / floor:.2f}; loop / mlodsl = {loop / ours:.1f}")
+    summary = f"mlodsl / floor = {ours / floor:.2f}"
+    for label, short in ((HIGHER, "higher loop"), (LOOP, "minimal loop")):
+        if label in ms:
+            summary += f"; {short} / mlodsl = {ms[label] / ours:.1f}"
+    print(summary)
 
 
 if __name__ == "__main__":

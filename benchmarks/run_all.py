@@ -71,9 +71,9 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "maml_vmap", "MAML: a meta-batch of tasks with vmap",
         "Time per MAML meta-step (sinusoid tasks, MLP 1-40-40-1, one inner SGD step, second "
         "order): mlodsl with `tasks=True` against the same maths written directly with "
-        "`torch.func.vmap` (the floor) and against a per-task Python loop in the style of "
-        "the monkey-patching meta-learning libraries. All three must give the same "
-        "meta-gradient first.",
+        "`torch.func.vmap` (the floor) and against per-task Python loops: with `higher`, the "
+        "monkey-patching meta-learning library, and a minimal hand-written clone-and-patch "
+        "loop (a lower bound for that style). All must give the same meta-gradient first.",
         quick=("--tasks", "2", "--shots", "2", "--rounds", "1", "--block", "1"),
     ),
     Benchmark(

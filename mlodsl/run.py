@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from mlodsl import checkpoint, distributed, sharding
+from mlodsl import autodiff, checkpoint, distributed, sharding
 from mlodsl.compile import Action
 from mlodsl.data import DataStream
 from mlodsl.errors import NonFiniteError
@@ -271,7 +271,7 @@ class Interpreter(UnrolledSteps, TaskSteps, Evaluation):
                 loss, record = self._evaluate(node, batch)
                 if count > 1:
                     loss = loss / count
-                (loss if scaler is None else scaler.scale(loss)).backward(inputs=node.params)
+                autodiff.backward(loss if scaler is None else scaler.scale(loss), node.params)
                 records.append(record)
             records = [mean_record(records)]
             # Distributed: the global batch's gradient, loss and metrics (one all-reduce), so

@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
+from mlodsl import autodiff, batching
 from mlodsl.errors import HypergradError
-from mlodsl.ir import LevelNode
 from mlodsl.flatten import flatten_state, task_leaves, unflatten_state
+from mlodsl.ir import LevelNode
 from mlodsl.recompute import recomputed
 
 _NEEDS_MODULE = (
@@ -70,8 +71,13 @@ class Unroller:
         # Only these levels' modules: functional_call walks the whole scope on each call.
         self.scope = _Scope({lower: nodes[lower].module for lower in swapped})
         self.names = {lower: _param_names(self.nodes[lower]) for lower in swapped}
-        self.keys = {lower: tuple(f"{_scoped(lower)}.{name}" for name in names)  # in the scope
-                     for lower, names in self.names.items()}
+        # Each parameter's names in the scope, all of them where weights are tied: calls pass
+        # tie_weights=False, which spares functional_call a walk over every module per call.
+        in_scope: dict[int, list[str]] = {}
+        for name, p in self.scope.named_parameters(remove_duplicate=False):
+            in_scope.setdefault(id(p), []).append(name)
+        self.keys = {lower: tuple(tuple(in_scope[id(p)]) for p in self.nodes[lower].params)
+                     for lower in swapped}
         self.fast: dict[str, tuple[torch.Tensor, ...]] = {}
         self.end: dict[str, tuple[torch.Tensor, ...]] = {}
         self.state: dict[str, list[dict[str, Any]]] = {}
@@ -127,8 +133,9 @@ class Unroller:
         if not self.fast:
             return fn(**kwargs)
         mapping = {key: tensor for level, tensors in self.fast.items()
-                   for key, tensor in zip(self.keys[level], tensors)}
-        return torch.func.functional_call(self.scope, mapping, (fn, kwargs), strict=False)
+                   for keys, tensor in zip(self.keys[level], tensors) for key in keys}
+        return torch.func.functional_call(self.scope, mapping, (fn, kwargs), strict=False,
+                                          tie_weights=False)
 
     def restart(self, lower: str) -> None:
         """Begin a new trajectory: from the upper's parameters (``init_from``: MAML) or from
@@ -220,8 +227,8 @@ class Unroller:
                 loss = loss_of()
                 # A nested level's gradient reaches back through the steps of the levels it
                 # unrolls, whose graph the level above still needs: keep it.
-                grads = torch.autograd.grad(loss, tensors, create_graph=keep,
-                                            retain_graph=keep or nested, allow_unused=True)
+                grads = autodiff.grad(loss, tensors, create_graph=keep,
+                                      retain_graph=keep or nested, allow_unused=True)
             finally:
                 self.fast[lower] = previous
             grads = [torch.zeros_like(t) if g is None else (g if keep else g.detach())
@@ -307,7 +314,7 @@ class Unroller:
             return (*new, *flat, loss)
 
         dims = (None if shared else 0,) * (n + m) + (0,) * len(leaves)
-        outputs = torch.func.vmap(one_task, in_dims=dims)(*current, *flat_state, *leaves)
+        outputs = batching.flat_vmap(one_task, dims, (*current, *flat_state, *leaves))
         new, losses = outputs[:n], outputs[-1]
         self.state[lower] = unflatten_state(out_keys, outputs[n:-1])
         self.fast[lower] = self.end[lower] = new

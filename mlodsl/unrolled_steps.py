@@ -12,11 +12,12 @@ from typing import Any
 
 import torch
 
+from mlodsl import autodiff, batching
 from mlodsl.errors import NoDependencyError
+from mlodsl.flatten import task_leaves
 from mlodsl.hypergrad import kernels
 from mlodsl.ir import LevelNode
 from mlodsl.levelcall import mean_record, split_loss
-from mlodsl.flatten import task_leaves
 
 
 class UnrolledSteps:
@@ -100,7 +101,8 @@ class UnrolledSteps:
             return (loss, *(record[k] for k in names))
 
         try:
-            losses, *values = torch.func.vmap(one_task)(*batched, *leaves)
+            losses, *values = batching.flat_vmap(one_task, (0,) * (n + len(leaves)),
+                                                 (*batched, *leaves))
         finally:
             self.unroller.fast[lower] = batched
         return split_loss(node, {**{k: v.mean() for k, v in zip(names, values)},
@@ -116,7 +118,7 @@ class UnrolledSteps:
         unroller = self.unroller
         targets = (unroller.fast[node.name] if node.name in unroller.upper_of
                    and node.name in unroller.fast else node.params)
-        raw = torch.autograd.grad(loss, targets, retain_graph=retain, allow_unused=True)
+        raw = autodiff.grad(loss, targets, retain_graph=retain, allow_unused=True)
         lowers = self.unroller.unrolled_by(node.name)
         if all(g is None for g in raw):
             raise NoDependencyError(

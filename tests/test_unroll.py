@@ -799,3 +799,60 @@ def test_implicit_task_batches_are_refused_under_data_parallelism():
     with pytest.raises(ml.errors.DistributedError, match="level 'learner' .*tasks=True.* below "
                        "'meta'.*grad='unroll' on the upper level"):
         consistency.check_supported(program._graph)
+
+
+class TiedNet(torch.nn.Module):
+    """Encoder and decoder share one weight matrix (registered under two names)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encode = torch.nn.Linear(3, 3)
+        self.decode = torch.nn.Linear(3, 3)
+        self.decode.weight = self.encode.weight
+
+    def forward(self, x):
+        return self.decode(torch.tanh(self.encode(x)))
+
+
+@pytest.mark.parametrize("tasks", [False, True])
+def test_tied_weights_take_the_fast_weights_under_every_name(tasks):
+    """The unroller swaps parameters without functional_call's per-call search for tied
+    weights; a tied parameter must still read its fast weights under both names."""
+    torch.manual_seed(0)
+    meta_net, learner_net = TiedNet().double(), TiedNet().double()
+    gen = torch.Generator().manual_seed(2)
+    shape = (2, 4, 3) if tasks else (4, 3)
+    xs, ys, xq, yq = (torch.randn(*shape, generator=gen, dtype=DTYPE) for _ in range(4))
+    capture = Capture()
+
+    @ml.level(module=learner_net, optimizer=torch.optim.SGD(learner_net.parameters(), lr=0.3),
+              data=lambda: (xs, ys), init_from="meta", tasks=tasks)
+    def learner(batch):
+        x, y = batch
+        return (learner_net(x) - y).pow(2).mean()
+
+    @ml.level(upper_of="learner", grad="unroll", inner_steps=1, module=meta_net,
+              data=lambda: (xq, yq), optimizer=torch.optim.SGD(meta_net.parameters(), lr=0.0))
+    def meta(batch, learner):
+        x, y = batch
+        return (learner(x) - y).pow(2).mean()
+
+    ml.program(learner, meta, hooks=[capture], progress=False).run(steps=1)
+
+    theta = list(meta_net.parameters())  # encode.weight (shared), encode.bias, decode.bias
+    names = [n for n, _ in meta_net.named_parameters()]
+
+    def query_loss(x_s, y_s, x_q, y_q):
+        def loss(params, x, y):  # functional_call's default tie_weights=True handles the tie
+            return (torch.func.functional_call(meta_net, dict(zip(names, params)), (x,))
+                    - y).pow(2).mean()
+        grads = torch.autograd.grad(loss(theta, x_s, y_s), theta, create_graph=True)
+        return loss([p - 0.3 * g for p, g in zip(theta, grads)], x_q, y_q)
+
+    if tasks:
+        total = sum(query_loss(xs[i], ys[i], xq[i], yq[i]) for i in range(2)) / 2
+    else:
+        total = query_loss(xs, ys, xq, yq)
+    expected = torch.autograd.grad(total, theta)
+    assert len(theta) == 3  # encode.weight (= decode.weight), encode.bias, decode.bias
+    assert torch.allclose(capture.grads[0], expected[0], rtol=1e-10, atol=1e-12)

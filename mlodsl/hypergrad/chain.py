@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mlodsl import distributed
+from mlodsl import autodiff, distributed
 from mlodsl.errors import HypergradError, NoDependencyError
 from mlodsl.hypergrad import kernels
 from mlodsl.hypergrad.base import EdgeProblem, GraphView, HypergradMethod
@@ -73,7 +73,7 @@ def total_hypergrad(
     below = view.below[top]
     names = (top, *below)
     flat_params = [p for name in names for p in params[name]]
-    grads = torch.autograd.grad(top_loss, flat_params, allow_unused=True)
+    grads = autodiff.grad(top_loss, flat_params, allow_unused=True)
     # Distributed: the global loss's partial derivatives, one all-reduce for all of them.
     distributed.mean_all_([g for g in grads if g is not None],
                           f"the all-reduce of the partial derivatives of '{top}'")

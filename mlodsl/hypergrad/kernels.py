@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from mlodsl import distributed
+from mlodsl import autodiff, distributed
 from mlodsl.errors import HypergradError
 
 _NO_SECOND_ORDER = (
@@ -56,10 +56,12 @@ def flat_or_zeros(grads: Sequence[torch.Tensor | None], like: Sequence[torch.Ten
                   ) -> torch.Tensor | None:
     """Flatten ``grads``; ``None`` entries become zeros. All ``None`` gives ``None``."""
     # Identity tests only: `None in grads` would call Tensor.__eq__ on every gradient.
-    missing = [g is None for g in grads]
-    if not any(missing):
+    for g in grads:
+        if g is None:
+            break
+    else:  # the common case: every gradient is there
         return flat(grads)
-    if all(missing):
+    if all(g is None for g in grads):
         return None
     return flat([torch.zeros_like(t) if g is None else g for g, t in zip(grads, like)])
 
@@ -71,7 +73,7 @@ def grad_graph(loss: torch.Tensor, params: Sequence[torch.Tensor], level: str) -
         HypergradError: the gradient does not depend on the parameters: the loss is linear in
             them (no minimum to differentiate through) or an operation has no second-order rule.
     """
-    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    grads = autodiff.grad(loss, params, create_graph=True, allow_unused=True)
     g = flat_or_zeros(grads, params)
     if g is None or not g.requires_grad:
         raise HypergradError(_NO_CURVATURE.format(level=level))
@@ -82,8 +84,7 @@ def hvp(g: torch.Tensor, params: Sequence[torch.Tensor], v: torch.Tensor, level:
         ) -> torch.Tensor:
     """Hessian-vector product ``H v`` from a differentiable flat gradient ``g``."""
     try:
-        out = torch.autograd.grad(g, params, grad_outputs=v, retain_graph=True,
-                                  allow_unused=True)
+        out = autodiff.grad(g, params, grad_outputs=v, retain_graph=True, allow_unused=True)
     except RuntimeError as error:
         if any(m in str(error) for m in ("double backward", "derivative for", "twice",
                                           "not implemented")):
@@ -165,8 +166,8 @@ def mixed_vjp(g: torch.Tensor, upper_params: Sequence[torch.Tensor], u: torch.Te
     """
     if not g.requires_grad:
         return None
-    out = torch.autograd.grad(g, upper_params, grad_outputs=u, retain_graph=retain_graph,
-                              allow_unused=True)
+    out = autodiff.grad(g, upper_params, grad_outputs=u, retain_graph=retain_graph,
+                        allow_unused=True)
     result = flat_or_zeros(out, upper_params)
     if result is None:
         return None
@@ -230,15 +231,16 @@ def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.
     Returns:
         ``(x, iterations used, final relative residual)``.
     """
-    b_norm = float(b.norm())
+    start_rs = float(b @ b)
+    b_norm = start_rs ** 0.5
     if b_norm == 0.0:
         return torch.zeros_like(b), 0, 0.0
-    x, r = torch.zeros_like(b), b.clone()
+    x, r, start = torch.zeros_like(b), b.clone(), None  # start None: from zero
     if x0 is not None:
         r0 = b - matvec(x0)
-        if float(r0.norm()) < b_norm:
-            x, r = x0.clone(), r0
-    start, start_rs = x.clone(), float(r @ r)
+        rs0 = float(r0 @ r0)
+        if rs0 < start_rs:
+            x, r, start, start_rs = x0.clone(), r0, x0, rs0
     p = r.clone()
     rs = start_rs
     used = 0
@@ -255,7 +257,8 @@ def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.
         rs = rs_new
         used += 1
     if not rs <= start_rs:  # also catches NaN
-        return start, used, start_rs ** 0.5 / b_norm
+        return (torch.zeros_like(b) if start is None else start.clone(), used,
+                start_rs ** 0.5 / b_norm)
     return x, used, rs ** 0.5 / b_norm
 
 
@@ -309,4 +312,4 @@ def central_mixed_difference(loss: Callable[[], torch.Tensor], params: Sequence[
 
 
 def _grad_or_none(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    return flat_or_zeros(torch.autograd.grad(loss, params, allow_unused=True), params)
+    return flat_or_zeros(autodiff.grad(loss, params, allow_unused=True), params)
