@@ -55,7 +55,10 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "the hand-written one. Peak memory is the most tensor memory alive at once during one "
         "step above what was alive before it, from `torch.profiler`'s allocation events (on "
         "CPU, `tracemalloc` does not see torch's allocations and the process's resident size "
-        "is too coarse for a few MiB).",
+        "is too coarse for a few MiB). mlodsl calls the autograd engine directly, skipping "
+        "the Python checks of `torch.autograd.grad` that the hand-written loop pays; the last "
+        "two columns time mlodsl through the public function, i.e. the interpreter's own "
+        "overhead ([design note](design/fast-paths.md)).",
         quick=("--rounds", "1", "--steps", "1", "--warmup", "1"),
     ),
     Benchmark(
@@ -73,7 +76,9 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "order): mlodsl with `tasks=True` against the same maths written directly with "
         "`torch.func.vmap` (the floor) and against per-task Python loops: with `higher`, the "
         "monkey-patching meta-learning library, and a minimal hand-written clone-and-patch "
-        "loop (a lower bound for that style). All must give the same meta-gradient first.",
+        "loop (a lower bound for that style), and mlodsl through the public `torch.func.vmap` "
+        "and `torch.autograd.grad` ([design note](design/fast-paths.md)). All must give the "
+        "same meta-gradient first.",
         quick=("--tasks", "2", "--shots", "2", "--rounds", "1", "--block", "1"),
     ),
     Benchmark(
