@@ -79,8 +79,10 @@ def _engine_works() -> bool:
     """Whether the engine's entry point takes the arguments this module passes (checked once,
     on a two-element graph, so a future torch that changed it falls back rather than fails)."""
     try:
-        x = torch.ones(2, requires_grad=True)
-        with torch.enable_grad():
+        # Wherever the first call happens (under no_grad or inference_mode too), test on a
+        # graph of its own.
+        with torch.inference_mode(False), torch.enable_grad():
+            x = torch.ones(2, requires_grad=True)
             y = (x * x).sum()
         (dx,) = _ENGINE.run_backward((y,), (torch.ones_like(y),), False, False, (x,), True, False)
         return isinstance(dx, torch.Tensor) and bool(torch.equal(dx, torch.full((2,), 2.0)))

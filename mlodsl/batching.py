@@ -13,7 +13,7 @@ depend on the batch), leave the level.
 It uses the primitives ``torch.func.vmap`` itself is built on (``torch._C._functorch``). They
 are checked once, against ``torch.func.vmap`` on a small function; if a future torch lacks them
 or they disagree, every call goes through ``torch.func.vmap``. Set ``MLODSL_PUBLIC_VMAP=1`` or
-call :func:`use_primitives` to always use it.
+call :func:`use_primitives` to always go through ``torch.func.vmap``.
 """
 
 from __future__ import annotations
@@ -105,4 +105,3 @@ def flat_vmap(fn: TensorFn, in_dims: Sequence[int | None], args: Sequence[torch.
     # Anything else (no batched argument, sizes that disagree, ...) gets vmap's own checks
     # and errors.
     return tuple(torch.func.vmap(fn, in_dims=tuple(in_dims))(*args))
-

@@ -195,3 +195,9 @@ def test_program_results_identical_with_and_without_engine():
     assert fast[0].item() != -2.0  # the hyperparameter moved
     for a, b in zip(fast, public):
         assert torch.equal(a, b)
+
+
+def test_first_use_under_inference_mode_still_checks_the_engine_properly():
+    autodiff.use_engine(True)  # forget the earlier check
+    with torch.inference_mode():
+        assert autodiff.engine_in_use()
