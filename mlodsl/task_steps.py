@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from mlodsl import batching
+from mlodsl.flatten import task_leaves
 from mlodsl.hypergrad import blocks
 from mlodsl.ir import LevelNode
 
@@ -66,13 +68,17 @@ class TaskSteps:
         """The sum over the tasks of ``node``'s loss, each with its own current weights."""
         name = node.name
         stacked = self.unroller.fast[name]
+        leaves, rebuild = task_leaves(batch, name, node.defined_at)
+        n = len(stacked)
 
-        def one_task(weights: tuple[torch.Tensor, ...], task: Any) -> torch.Tensor:
-            self.unroller.fast[name] = weights
-            return self._evaluate(node, task, context, per_task=True)[0]
+        def one_task(*inputs: torch.Tensor) -> tuple[torch.Tensor]:
+            self.unroller.fast[name] = inputs[:n]
+            return (self._evaluate(node, rebuild(inputs[n:]), context, per_task=True)[0],)
 
         try:
-            return torch.func.vmap(one_task)(stacked, batch).sum()
+            (losses,) = batching.flat_vmap(one_task, (0,) * (n + len(leaves)),
+                                           (*stacked, *leaves))
+            return losses.sum()
         finally:
             self.unroller.fast[name] = stacked
 
