@@ -164,26 +164,40 @@ def adapt(module: nn.Module, loss: torch.Tensor, lr: float) -> None:
         m._parameters[name] = m._parameters[name] - lr * g
 
 
-def loop_stepper(pool):
-    """Per task: clone the network, adapt it (autograd.grad with create_graph=True), backward
-    its query loss into the meta parameters (meta-gradients accumulate); then Adam."""
-    net = make_mlp()
-    optimizer = torch.optim.Adam(net.parameters(), lr=META_LR)
-    position = [0]
+def per_task_stepper(task_step_for):
+    """A stepper that adapts one task at a time: ``task_step_for(net)`` gives a function
+    ``(x_support, y_support, x_query, y_query, scale)`` that adapts to one task and
+    backpropagates its query loss times ``scale`` into ``net``'s parameters (meta-gradients
+    accumulate over the tasks); then one Adam step."""
+    def make(pool):
+        net = make_mlp()
+        optimizer = torch.optim.Adam(net.parameters(), lr=META_LR)
+        task_step = task_step_for(net)
+        position = [0]
 
-    def step(n: int) -> None:
-        for _ in range(n):
-            xs, ys, xq, yq = pool[position[0] % POOL]
-            position[0] += 1
-            optimizer.zero_grad(set_to_none=True)
-            tasks = xs.shape[0]
-            for i in range(tasks):
-                learner = clone_module(net)
-                adapt(learner, F.mse_loss(learner(xs[i]), ys[i]), INNER_LR)
-                (F.mse_loss(learner(xq[i]), yq[i]) / tasks).backward()
-            optimizer.step()
+        def step(n: int) -> None:
+            for _ in range(n):
+                xs, ys, xq, yq = pool[position[0] % POOL]
+                position[0] += 1
+                optimizer.zero_grad(set_to_none=True)
+                tasks = xs.shape[0]
+                for i in range(tasks):
+                    task_step(xs[i], ys[i], xq[i], yq[i], 1.0 / tasks)
+                optimizer.step()
 
-    return step, net, lambda: [p.grad.clone() for p in net.parameters()]
+        return step, net, lambda: [p.grad.clone() for p in net.parameters()]
+
+    return make
+
+
+def clone_and_patch(net: nn.Module):
+    """Per task: clone the network, adapt it (autograd.grad with create_graph=True)."""
+    def task_step(xs, ys, xq, yq, scale):
+        learner = clone_module(net)
+        adapt(learner, F.mse_loss(learner(xs), ys), INNER_LR)
+        (F.mse_loss(learner(xq), yq) * scale).backward()
+
+    return task_step
 
 
 def import_higher():
@@ -198,35 +212,25 @@ def import_higher():
     return higher
 
 
-def higher_stepper(pool):
+def with_higher(net: nn.Module):
     """Per task, ``higher.innerloop_ctx``: a patched functional copy of the network and a
-    differentiable SGD step; the query loss backpropagates into the meta parameters."""
+    differentiable SGD step."""
     higher = import_higher()
-    net = make_mlp()
-    optimizer = torch.optim.Adam(net.parameters(), lr=META_LR)
     inner = torch.optim.SGD(net.parameters(), lr=INNER_LR)
-    position = [0]
 
-    def step(n: int) -> None:
-        for _ in range(n):
-            xs, ys, xq, yq = pool[position[0] % POOL]
-            position[0] += 1
-            optimizer.zero_grad(set_to_none=True)
-            tasks = xs.shape[0]
-            for i in range(tasks):
-                with higher.innerloop_ctx(net, inner, copy_initial_weights=False) as (f, opt):
-                    opt.step(F.mse_loss(f(xs[i]), ys[i]))
-                    (F.mse_loss(f(xq[i]), yq[i]) / tasks).backward()
-            optimizer.step()
+    def task_step(xs, ys, xq, yq, scale):
+        with higher.innerloop_ctx(net, inner, copy_initial_weights=False) as (f, opt):
+            opt.step(F.mse_loss(f(xs), ys))
+            (F.mse_loss(f(xq), yq) * scale).backward()
 
-    return step, net, lambda: [p.grad.clone() for p in net.parameters()]
+    return task_step
 
 
 FLOOR, OURS = "torch.func.vmap by hand (floor)", "mlodsl, tasks=True"
 PUBLIC = "mlodsl, public vmap and autograd"
 HIGHER, LOOP = "per-task loop with higher", "per-task loop, minimal clone-and-patch"
 IMPLEMENTATIONS = {FLOOR: floor_stepper, OURS: mlodsl_stepper, PUBLIC: public_stepper,
-                   HIGHER: higher_stepper, LOOP: loop_stepper}
+                   HIGHER: per_task_stepper(with_higher), LOOP: per_task_stepper(clone_and_patch)}
 
 
 def available() -> dict:

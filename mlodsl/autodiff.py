@@ -23,10 +23,11 @@ always go through the public functions.
 from __future__ import annotations
 
 import contextvars
-import os
 from collections.abc import Sequence
 
 import torch
+
+from mlodsl.fastpath import FastPath
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _ENGINE = getattr(getattr(torch.autograd, "Variable", None), "_execution_engine", None)
@@ -35,27 +36,17 @@ _ENGINE = getattr(getattr(torch.autograd, "Variable", None), "_execution_engine"
 _STASH = getattr(torch._C, "_stash_obj_in_tls", None)
 _UNSTASH = getattr(torch._C, "_remove_obj_from_tls", None)
 
-_enabled = (callable(getattr(_ENGINE, "run_backward", None))
-            and os.environ.get("MLODSL_PUBLIC_AUTOGRAD", "") in ("", "0"))
-_checked = False  # the engine's signature is verified on first use
 
 
 def use_engine(enabled: bool) -> bool:
     """Turn the direct engine calls on or off; returns the previous setting. Off, every
     product goes through ``torch.autograd.grad`` / ``torch.autograd.backward``."""
-    global _enabled, _checked
-    previous = _enabled
-    _enabled = bool(enabled) and callable(getattr(_ENGINE, "run_backward", None))
-    _checked = False
-    return previous
+    return _PATH.use(enabled)
 
 
 def engine_in_use() -> bool:
     """Whether products go straight to the autograd engine (checking it works, once)."""
-    global _enabled, _checked
-    if _enabled and not _checked:
-        _enabled, _checked = _engine_works(), True
-    return _enabled
+    return _PATH.in_use()
 
 
 def _root_grads(outputs: Sequence[torch.Tensor], grad_outputs: Sequence[torch.Tensor | None]
@@ -104,6 +95,10 @@ def _run(outputs: tuple[torch.Tensor, ...], roots: tuple[torch.Tensor, ...], kee
             _UNSTASH("context")
 
 
+_PATH = FastPath(callable(getattr(_ENGINE, "run_backward", None)), "MLODSL_PUBLIC_AUTOGRAD",
+                 _engine_works)
+
+
 def grad(outputs: torch.Tensor | Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
          grad_outputs: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
          retain_graph: bool | None = None, create_graph: bool = False,
@@ -116,8 +111,8 @@ def grad(outputs: torch.Tensor | Sequence[torch.Tensor], inputs: Sequence[torch.
     elif isinstance(grad_outputs, torch.Tensor):
         grad_outputs = (grad_outputs,)
     inputs = tuple(inputs)
-    if (_enabled and (_checked or engine_in_use()) and len(grad_outputs) == len(outputs)
-            and inputs and all(type(t) in _PLAIN for t in inputs)):
+    if (_PATH.in_use() and len(grad_outputs) == len(outputs) and inputs
+            and all(type(t) in _PLAIN for t in inputs)):
         roots = _root_grads(outputs, grad_outputs)
         if roots is not None:
             keep = create_graph if retain_graph is None else retain_graph
@@ -130,8 +125,7 @@ def backward(loss: torch.Tensor, inputs: Sequence[torch.Tensor]) -> None:
     """``loss.backward(inputs=inputs)``: accumulate ``d loss / d input`` into each input's
     ``.grad``, by the shortest path that gives the same result."""
     inputs = tuple(inputs)
-    if (_enabled and (_checked or engine_in_use()) and inputs
-            and all(type(t) in _PLAIN for t in inputs)):
+    if _PATH.in_use() and inputs and all(type(t) in _PLAIN for t in inputs):
         roots = _root_grads((loss,), (None,))
         if roots is not None:
             _run((loss,), roots, False, False, inputs, True, True)

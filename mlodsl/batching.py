@@ -18,10 +18,11 @@ call :func:`use_primitives` to always go through ``torch.func.vmap``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 
 import torch
+
+from mlodsl.fastpath import FastPath
 
 try:
     from torch._C._functorch import (
@@ -35,26 +36,18 @@ except ImportError:  # a torch without them: torch.func.vmap it is
     _add_batch_dim = None
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
-_enabled = _add_batch_dim is not None and os.environ.get("MLODSL_PUBLIC_VMAP", "") in ("", "0")
-_checked = False
 
 TensorFn = Callable[..., tuple[torch.Tensor, ...]]
 
 
 def use_primitives(enabled: bool) -> bool:
     """Turn the direct use of vmap's primitives on or off; returns the previous setting."""
-    global _enabled, _checked
-    previous = _enabled
-    _enabled, _checked = bool(enabled) and _add_batch_dim is not None, False
-    return previous
+    return _PATH.use(enabled)
 
 
 def primitives_in_use() -> bool:
     """Whether :func:`flat_vmap` uses vmap's primitives (checking them once)."""
-    global _enabled, _checked
-    if _enabled and not _checked:
-        _enabled, _checked = _primitives_agree(), True
-    return _enabled
+    return _PATH.in_use()
 
 
 def _primitives_agree() -> bool:
@@ -85,6 +78,9 @@ def _batched(fn: TensorFn, in_dims: Sequence[int | None], args: Sequence[torch.T
         _vmap_decrement_nesting()
 
 
+_PATH = FastPath(_add_batch_dim is not None, "MLODSL_PUBLIC_VMAP", _primitives_agree)
+
+
 def flat_vmap(fn: TensorFn, in_dims: Sequence[int | None], args: Sequence[torch.Tensor]
               ) -> tuple[torch.Tensor, ...]:
     """``torch.func.vmap(fn, in_dims=tuple(in_dims))(*args)`` for a ``fn`` that takes and
@@ -96,7 +92,7 @@ def flat_vmap(fn: TensorFn, in_dims: Sequence[int | None], args: Sequence[torch.
         in_dims: Per argument, ``0`` (batched along its first dimension) or ``None`` (shared).
         args: The tensors.
     """
-    if _enabled and (_checked or primitives_in_use()) and len(args) == len(in_dims):
+    if _PATH.in_use() and len(args) == len(in_dims):
         sizes = {a.shape[0] if d == 0 and a.dim() > 0 else -1
                  for a, d in zip(args, in_dims) if d is not None}
         if (len(sizes) == 1 and -1 not in sizes

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -153,14 +149,6 @@ def test_use_engine_false_routes_to_public(monkeypatch):
     w, _, loss = small_graph()
     autodiff.grad(loss, w)
     assert calls
-
-
-def test_environment_variable_turns_it_off():
-    env = {**os.environ, "MLODSL_PUBLIC_AUTOGRAD": "1"}
-    out = subprocess.run([sys.executable, "-c",
-                          "from mlodsl import autodiff; print(autodiff.engine_in_use())"],
-                         env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
 
 
 def bilevel_run(steps: int) -> list[torch.Tensor]:

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -109,11 +105,3 @@ def test_use_primitives_false_routes_to_torch_func_vmap(monkeypatch):
     w, b, x, y = data()
     batching.flat_vmap(step, (None, None, 0, 0), (w, b, x, y))
     assert calls
-
-
-def test_environment_variable_turns_it_off():
-    env = {**os.environ, "MLODSL_PUBLIC_VMAP": "1"}
-    out = subprocess.run([sys.executable, "-c",
-                          "from mlodsl import batching; print(batching.primitives_in_use())"],
-                         env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
