@@ -99,6 +99,7 @@ class Interpreter(UnrolledSteps, TaskSteps, Evaluation):
         if self.unroller is not None:
             self.unroller.reduce = self.dist.average_inner
         below = {a.level: a.below for a in self.schedule.actions}
+        self.every = {a.level: a.every for a in self.schedule.actions}  # program steps apart
         self.view = GraphView(params=self.params, below=below, loss=self._loss_for_hypergrad,
                               carried=carried_edges({n.name: n.reads for n in graph.levels},
                                                     below, self.lowers))

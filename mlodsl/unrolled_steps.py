@@ -26,6 +26,7 @@ class UnrolledSteps:
     unroller: Any
     nodes: dict[str, LevelNode]
     level_steps: dict[str, int]
+    every: dict[str, int]
     program: Any
     edges: dict[tuple[str, str], Any]
     dist: Any
@@ -35,7 +36,6 @@ class UnrolledSteps:
         """A functional, differentiable step of a level its upper unrolls."""
         node = self.nodes[name]
         upper = self.unroller.upper_of[name]
-        every = {a.level: a.every for a in self.schedule.actions}
         records: list[dict[str, Any]] = []
         # checkpoint=True recomputes the step during the upper's backward pass, when the
         # counters have moved on: the function must see this step's 'step', 'epoch', ...
@@ -52,7 +52,7 @@ class UnrolledSteps:
             records[:] = fresh
             return losses[0] if len(losses) == 1 else sum(losses) / len(losses)
 
-        position, count = self.unroller.since.get(name, 0), every[upper] // every[name]
+        position, count = self.unroller.since.get(name, 0), self.every[upper] // self.every[name]
         if node.tasks:
             def loss_for(task: Any) -> torch.Tensor:
                 return self._evaluate(node, task, per_task=True)[0]

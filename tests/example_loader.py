@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-
-import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -21,13 +17,5 @@ def load_example(name: str) -> ModuleType:
     return module
 
 
-@contextlib.contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Torch on one thread: the examples' matrices are small, one thread is faster and steadier
-    on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+# Torch on one thread for the duration of a block: the examples' own helper.
+one_torch_thread = load_example("digits_noise").one_thread

@@ -32,6 +32,16 @@ class Capture:
         self.grads.append(grads[0].detach().clone())
 
 
+class CaptureAll:
+    """Every hypergradient, all of its tensors, into ``capture.grads``."""
+
+    def __init__(self, capture):
+        self.capture = capture
+
+    def on_hypergrad(self, *, program, level, step, grads, diagnostics):
+        self.capture.grads.append([g.detach().clone() for g in grads])
+
+
 def unrolled_program(optimizer, K, method=None, seed=0):
     """lower: L(w; lam) = 1/2 w'Aw - w'B lam, trained by `optimizer`; upper: 1/2 |w - t|^2."""
     A, B, t, w0, lam0 = problem(seed)
@@ -350,11 +360,7 @@ def task_batch_program(first_order=False, inner_lr=0.1, tasks=4, inner_steps=1, 
         x, y = batch
         return (learner(x) - y).pow(2).mean()
 
-    class CaptureAll:
-        def on_hypergrad(self, *, program, level, step, grads, diagnostics):
-            capture.grads.append([g.detach().clone() for g in grads])
-
-    program = ml.program(learner, meta, hooks=[CaptureAll()], progress=False)
+    program = ml.program(learner, meta, hooks=[CaptureAll(capture)], progress=False)
     return program, capture, meta_net, support, query
 
 
@@ -632,11 +638,7 @@ def imaml_program(support, query, theta, tasks, cg_iterations, inner_steps, meta
         x, y = batch
         return (learner(x) - y).pow(2).mean()
 
-    class CaptureAll:
-        def on_hypergrad(self, *, program, level, step, grads, diagnostics):
-            capture.grads.append([g.detach().clone() for g in grads])
-
-    program = ml.program(learner, meta, hooks=[CaptureAll()], progress=False)
+    program = ml.program(learner, meta, hooks=[CaptureAll(capture)], progress=False)
     return program, capture, meta_net, learner_net
 
 
